@@ -1,0 +1,15 @@
+"""lipkern: fused spectral norms and Lipschitz bounds of whole networks.
+
+``import lipkern`` needs only torch: Triton and the compiled extension load on first use.
+"""
+from . import reference
+from .backends import BackendUnavailableError, available_backends
+from .layout import PowerIterState
+from .power_iter import fused_power_iter
+from .result import PowerIterResult
+from .spec import ConvSpec
+
+__version__ = "0.1.0"
+
+__all__ = ["ConvSpec", "fused_power_iter", "PowerIterResult", "PowerIterState", "reference",
+           "available_backends", "BackendUnavailableError", "__version__"]

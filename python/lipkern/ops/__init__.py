@@ -1,0 +1,1 @@
+"""Registered torch.library ops (one per kernel family)."""

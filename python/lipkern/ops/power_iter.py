@@ -1,0 +1,142 @@
+"""The registered op ``lipkern::power_iter`` and its backward ``lipkern::power_iter_backward``.
+
+Reads top to bottom: launchers per backend -> registration (+ fake) -> autograd. The public
+function that validates and packs is :func:`lipkern.fused_power_iter`.
+
+Both are ``torch.library.custom_op``: opaque to torch.compile (the graph sees one node per
+call and the fake kernels below), and ``torch.library.opcheck`` tests them. One forward op and
+one backward op per call is the whole registered surface, on every backend.
+
+Forward: (weights, x0, meta, n_iters, eps, tol, backend)
+    -> (sigmas (L,), lipschitz (), log_lipschitz (), x (total_x,), u (total_y,))
+Backward: (x, u, sigmas, grad_sigmas?, grad_lipschitz?, grad_log_lipschitz?, meta, backend,
+    weight_dtype) -> packed weight gradient (total_w,) in weight_dtype; autograd splits it into
+    views, one per weight, so the split costs no kernel.
+tol < 0 means "no tolerance". x and u are not differentiable.
+"""
+from __future__ import annotations
+
+from typing import List, Optional, Tuple
+
+import torch
+from torch import Tensor
+
+from .. import reference
+from ..layout import Layout, layout_from_meta
+
+
+# ---------------------------------------------------------------- launchers
+def _torch_forward(weights, x0, layout: Layout, n_iters, eps, tol):
+    cdtype = x0.dtype
+    xs, us, sigmas = [], [], []
+    with torch.autocast(x0.device.type, enabled=False):
+        for i, (w, g) in enumerate(zip(weights, layout.geoms)):
+            x, u, s = reference.iterate_layer(g, w.to(cdtype), x0[layout.x_slice(i)], n_iters,
+                                              eps, None if tol < 0 else tol)
+            xs.append(x)
+            us.append(u)
+            sigmas.append(s)
+    sigmas = torch.stack(sigmas)
+    lip, log_lip = reference.bound_from_sigmas(sigmas)
+    return sigmas, lip, log_lip, torch.cat(xs), torch.cat(us)
+
+
+def prod_others(s: Tensor) -> Tensor:
+    """(L,) -> (L,) with entry l = prod_{j != l} s_j, without division (exclusive scans)."""
+    ones = s.new_ones(1)
+    before = torch.cumprod(torch.cat([ones, s[:-1]]), 0)
+    after = torch.cumprod(torch.cat([ones, s.flip(0)[:-1]]), 0).flip(0)
+    return before * after
+
+
+def sigma_coefficients(sigmas, grad_sigmas, grad_lip, grad_log) -> Tensor:
+    """dLoss/dsigma_l from the three upstream gradients (module docstring of reference)."""
+    coef = torch.zeros_like(sigmas) if grad_sigmas is None else grad_sigmas.to(sigmas.dtype)
+    if grad_lip is not None:
+        coef = coef + torch.where(grad_lip != 0, grad_lip * prod_others(sigmas),
+                                  torch.zeros_like(sigmas))
+    if grad_log is not None:
+        coef = coef + torch.where(sigmas > 0, grad_log / sigmas.clamp_min(1e-300),
+                                  torch.zeros_like(sigmas))
+    return coef
+
+
+def _torch_backward(x, u, sigmas, grad_sigmas, grad_lip, grad_log, layout: Layout, wdtype):
+    coef = sigma_coefficients(sigmas, grad_sigmas, grad_lip, grad_log)
+    with torch.autocast(x.device.type, enabled=False):
+        grads = [reference.weight_grad(g, x[layout.x_slice(i)], u[layout.y_slice(i)]) * coef[i]
+                 for i, g in enumerate(layout.geoms)]
+    return torch.cat(grads).to(wdtype)
+
+
+def _triton():
+    from ..triton_kernels import power_iter as kernels  # lazy: Triton is optional
+    return kernels
+
+
+def _forward_impl(backend, weights, x0, layout, n_iters, eps, tol):
+    if backend == "triton":
+        weights = [w.contiguous() for w in weights]
+        return _triton().forward(weights, x0, layout, n_iters, eps, tol)
+    return _torch_forward(weights, x0, layout, n_iters, eps, tol)
+
+
+def _backward_impl(backend, x, u, sigmas, gs, gl, glog, layout, wdtype):
+    if backend == "triton":
+        return _triton().backward(x, u, sigmas, gs, gl, glog, layout, wdtype)
+    return _torch_backward(x, u, sigmas, gs, gl, glog, layout, wdtype)
+
+
+# ---------------------------------------------------------------- registration
+@torch.library.custom_op("lipkern::power_iter", mutates_args=())
+def power_iter_op(weights: List[Tensor], x0: Tensor, meta: List[int], n_iters: int,
+                  eps: float, tol: float, backend: str
+                  ) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    layout = layout_from_meta(tuple(meta))
+    return _forward_impl(backend, weights, x0, layout, n_iters, eps, tol)
+
+
+@power_iter_op.register_fake
+def _(weights, x0, meta, n_iters, eps, tol, backend):
+    layout = layout_from_meta(tuple(meta))
+    return (x0.new_empty(layout.num_layers), x0.new_empty(()), x0.new_empty(()),
+            x0.new_empty(layout.total_x), x0.new_empty(layout.total_y))
+
+
+@torch.library.custom_op("lipkern::power_iter_backward", mutates_args=())
+def power_iter_backward_op(x: Tensor, u: Tensor, sigmas: Tensor, grad_sigmas: Optional[Tensor],
+                           grad_lipschitz: Optional[Tensor], grad_log_lipschitz: Optional[Tensor],
+                           meta: List[int], backend: str, weight_dtype: torch.dtype) -> Tensor:
+    layout = layout_from_meta(tuple(meta))
+    return _backward_impl(backend, x, u, sigmas, grad_sigmas, grad_lipschitz,
+                          grad_log_lipschitz, layout, weight_dtype)
+
+
+@power_iter_backward_op.register_fake
+def _(x, u, sigmas, grad_sigmas, grad_lipschitz, grad_log_lipschitz, meta, backend,
+      weight_dtype):
+    return x.new_empty(layout_from_meta(tuple(meta)).total_w, dtype=weight_dtype)
+
+
+# ---------------------------------------------------------------- autograd
+def _setup_context(ctx, inputs, output):
+    weights, _, meta, _, _, _, backend = inputs
+    sigmas, _, _, x, u = output
+    ctx.save_for_backward(x, u, sigmas)
+    ctx.meta, ctx.backend = meta, backend
+    ctx.weight_shapes = [w.shape for w in weights]
+    ctx.weight_dtype = weights[0].dtype
+    ctx.mark_non_differentiable(x, u)
+
+
+def _backward(ctx, grad_sigmas, grad_lip, grad_log, _gx, _gu):
+    x, u, sigmas = ctx.saved_tensors
+    packed = power_iter_backward_op(x, u, sigmas, grad_sigmas, grad_lip, grad_log, ctx.meta,
+                                    ctx.backend, ctx.weight_dtype)
+    layout = layout_from_meta(tuple(ctx.meta))
+    grads = [packed[layout.w_slice(i)].view(shape)
+             for i, shape in enumerate(ctx.weight_shapes)]
+    return grads, None, None, None, None, None, None
+
+
+power_iter_op.register_autograd(_backward, setup_context=_setup_context)

@@ -1,0 +1,215 @@
+r"""The pure-torch reference: the specification of lipkern and the oracle of every test.
+
+For each layer with operator A (see :mod:`lipkern.spec`) and a start vector x0:
+
+.. math::
+
+    x \leftarrow x_0 / \max(\|x_0\|, \epsilon)
+
+    \text{repeat } n\_iters \text{ times:}\quad y = A x,\; x = A^\top y,\;
+        x \leftarrow x / \max(\|x\|, \epsilon)
+
+    y = A x,\quad \sigma = \|y\|,\quad u = y / \max(\sigma, \epsilon)
+
+With ``tol``, iteration ``k > 0`` first compares ``s_k = \|A x\|`` with ``s_{k-1}`` and stops
+(keeping x) once ``|s_k - s_{k-1}| <= tol * s_k``.
+
+Gradient (the implicit rule of torch.nn.utils.spectral_norm): x and u are held constant, so
+``sigma = u^T A(W) x`` and ``dsigma/dW = u x^T`` for dense layers, the conv weight gradient
+of input x and output gradient u for conv operators (x and u swapped for transposed convs).
+The network bound is ``L = prod(sigma_l)`` with ``dL/dsigma_l = prod_{j != l} sigma_j`` and
+``log L = sum(log sigma_l)``; a zero sigma contributes no gradient to ``log L`` (its u is 0).
+
+Bf16/fp16 weights iterate in float32 (autocast is disabled inside); float64 stays float64.
+"""
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+
+from .layout import Layout, PowerIterState, initial_x
+from .result import PowerIterResult
+from .spec import KIND_CONV_T, KIND_DENSE, ConvSpec, LayerGeom, resolve_geometry
+from .validate import compute_dtype, validate_call
+
+__all__ = ["power_iter", "exact_sigma", "apply_op", "apply_adjoint", "iterate_layer", "weight_grad",
+           "bound_from_sigmas", "EXACT_MAX_ELEMENTS"]
+
+
+# ---------------------------------------------------------------- the conv-form map C
+def _kernel4(w: torch.Tensor, g: LayerGeom) -> torch.Tensor:
+    return w.reshape(g.cout, g.cin // g.groups, g.kh, g.kw)
+
+
+def _is_matrix(g: LayerGeom) -> bool:
+    return g.h == g.w == g.oh == g.ow == g.kh == g.kw == 1 and g.groups == 1
+
+
+def conv_c(g: LayerGeom, w: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """C x: flat (..., cin*h*w) -> flat (..., cout*oh*ow)."""
+    if _is_matrix(g):
+        return x @ w.reshape(g.cout, g.cin).t()
+    batch = x.shape[:-1]
+    x = x.reshape(-1, g.cin, g.h, g.w)
+    pad = (g.ph, g.pw)
+    if g.circular:
+        x = F.pad(x, (g.pw, g.pw, g.ph, g.ph), mode="circular")
+        pad = (0, 0)
+    y = F.conv2d(x, _kernel4(w, g), stride=(g.sh, g.sw), padding=pad,
+                 dilation=(g.dh, g.dw), groups=g.groups)
+    return y.reshape(*batch, -1)
+
+
+def _fold_circular(z: torch.Tensor, p: int, n: int, dim: int) -> torch.Tensor:
+    """Adjoint of circular padding by p along dim: z has size n + 2p there (p <= n)."""
+    core = z.narrow(dim, p, n).clone()
+    if p:
+        core.narrow(dim, n - p, p).add_(z.narrow(dim, 0, p))
+        core.narrow(dim, 0, p).add_(z.narrow(dim, p + n, p))
+    return core
+
+
+def conv_ct(g: LayerGeom, w: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """C^T y: flat (..., cout*oh*ow) -> flat (..., cin*h*w) (conv_transpose2d with the
+    output_padding that restores (h, w); circular padding folded back)."""
+    if _is_matrix(g):
+        return y @ w.reshape(g.cout, g.cin)
+    batch = y.shape[:-1]
+    y = y.reshape(-1, g.cout, g.oh, g.ow)
+    if g.circular:
+        ph, pw, hp, wp = 0, 0, g.h + 2 * g.ph, g.w + 2 * g.pw
+    else:
+        ph, pw, hp, wp = g.ph, g.pw, g.h, g.w
+    oph = hp - ((g.oh - 1) * g.sh - 2 * ph + g.dh * (g.kh - 1) + 1)
+    opw = wp - ((g.ow - 1) * g.sw - 2 * pw + g.dw * (g.kw - 1) + 1)
+    z = F.conv_transpose2d(y, _kernel4(w, g), stride=(g.sh, g.sw), padding=(ph, pw),
+                           output_padding=(oph, opw), groups=g.groups, dilation=(g.dh, g.dw))
+    if g.circular:
+        z = _fold_circular(_fold_circular(z, g.ph, g.h, 2), g.pw, g.w, 3)
+    return z.reshape(*batch, -1)
+
+
+def apply_op(g: LayerGeom, w: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """A x for the layer's operator A (C, or C^T for transposed convs)."""
+    return conv_ct(g, w, x) if g.kind == KIND_CONV_T else conv_c(g, w, x)
+
+
+def apply_adjoint(g: LayerGeom, w: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """A^T y."""
+    return conv_c(g, w, y) if g.kind == KIND_CONV_T else conv_ct(g, w, y)
+
+
+def weight_grad(g: LayerGeom, x: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    """d(u^T A(W) x)/dW, flat (w_numel,): ``u x^T`` for a matrix, else the conv weight gradient
+    of C with input x and output gradient u (input u and output gradient x for C^T)."""
+    if g.kind == KIND_CONV_T:
+        x, u = u, x
+    if _is_matrix(g):
+        return torch.outer(u, x).reshape(-1)
+    inp = x.reshape(1, g.cin, g.h, g.w)
+    pad = (g.ph, g.pw)
+    if g.circular:
+        inp = F.pad(inp, (g.pw, g.pw, g.ph, g.ph), mode="circular")
+        pad = (0, 0)
+    gw = torch.nn.grad.conv2d_weight(inp, (g.cout, g.cin // g.groups, g.kh, g.kw),
+                                     u.reshape(1, g.cout, g.oh, g.ow), stride=(g.sh, g.sw),
+                                     padding=pad, dilation=(g.dh, g.dw), groups=g.groups)
+    return gw.reshape(-1)
+
+
+# ---------------------------------------------------------------- power iteration
+def _normalize(v: torch.Tensor, eps: float):
+    n = torch.linalg.vector_norm(v)
+    return v / n.clamp_min(eps), n
+
+
+@torch.no_grad()
+def iterate_layer(g: LayerGeom, w: torch.Tensor, x0: torch.Tensor, n_iters: int, eps: float,
+                  tol: Optional[float]):
+    """Run the iteration of the module docstring on one layer (no autograd).
+
+    Args: w in the compute dtype, x0 flat (x_numel,). Returns (x, u, sigma) with x (x_numel,)
+    and u (y_numel,) unit (or zero) vectors and sigma a 0-d tensor."""
+    x, _ = _normalize(x0, eps)
+    s_prev = None
+    for _ in range(n_iters):
+        y = apply_op(g, w, x)
+        if tol is not None:
+            s = float(torch.linalg.vector_norm(y))
+            if s_prev is not None and abs(s - s_prev) <= tol * s:
+                break
+            s_prev = s
+        x, _ = _normalize(apply_adjoint(g, w, y), eps)
+    u, sigma = _normalize(apply_op(g, w, x), eps)
+    return x, u, sigma
+
+
+def bound_from_sigmas(sigmas: torch.Tensor):
+    """(lipschitz, log_lipschitz) from (L,) sigmas, with the gradients of the module docstring
+    (torch.prod's backward already avoids dividing by a zero sigma)."""
+    pos = sigmas > 0
+    logs = torch.where(pos, torch.log(torch.where(pos, sigmas, torch.ones_like(sigmas))),
+                       torch.full_like(sigmas, float("-inf")))
+    return torch.prod(sigmas), logs.sum()
+
+
+def power_iter(weights: Sequence[torch.Tensor], specs: Optional[Sequence[Optional[ConvSpec]]] = None,
+               *, state: Optional[PowerIterState] = None, n_iters: int = 5, eps: float = 1e-12,
+               tol: Optional[float] = None, backend: str = "torch",
+               generator: Optional[torch.Generator] = None,
+               check_finite: bool = True) -> PowerIterResult:
+    """Reference power iteration, one layer at a time in plain torch (see module docstring).
+
+    Same signature and results as :func:`lipkern.fused_power_iter` (``backend`` is accepted
+    and ignored). Gradients flow through ``sigma = u^T A(W) x`` with x, u detached.
+    """
+    weights, layout = validate_call(weights, specs, state, n_iters, eps, tol, backend,
+                                    generator, check_finite)
+    device, cdtype = weights[0].device, compute_dtype(weights[0].dtype)
+    x0 = state.x if state is not None else initial_x(layout, device, cdtype, generator)
+    sigmas, xs, us = [], [], []
+    with torch.autocast(device.type, enabled=False):
+        for i, (w, g) in enumerate(zip(weights, layout.geoms)):
+            wc = w.to(cdtype)
+            x, u, _ = iterate_layer(g, wc.detach(), x0[layout.x_slice(i)].to(cdtype), n_iters,
+                                    eps, tol)
+            sigmas.append(torch.dot(u, apply_op(g, wc, x)))
+            xs.append(x)
+            us.append(u)
+    sigmas = torch.stack(sigmas)
+    lip, log_lip = bound_from_sigmas(sigmas)
+    new_state = PowerIterState(torch.cat(xs).detach(), torch.cat(us).detach(), layout.meta)
+    return PowerIterResult(sigmas, lip, log_lip, new_state)
+
+
+# ---------------------------------------------------------------- exact sigma
+EXACT_MAX_ELEMENTS = 1 << 26  # 512 MiB of float64 for the dense operator matrix
+
+
+def exact_sigma(w: torch.Tensor, spec: Optional[ConvSpec] = None) -> torch.Tensor:
+    """Exact spectral norm (float64, 0-d) of the layer's operator via the SVD of its dense
+    matrix, built by applying the operator to the identity. Small layers only: raises
+    ValueError if the matrix (per group) would exceed ``EXACT_MAX_ELEMENTS`` entries.
+    Grouped convs are block diagonal: the result is the max over groups."""
+    if not isinstance(w, torch.Tensor) or w.dim() not in (2, 3, 4):
+        raise ValueError("w must be a 2-D, 3-D or 4-D tensor")
+    g = resolve_geometry(tuple(w.shape), spec, "w")
+    wd = w.detach().to(torch.float64)
+    if g.kind == KIND_DENSE:
+        return torch.linalg.matrix_norm(wd.reshape(g.cout, -1), 2)
+    # one group at a time: the operator is block diagonal over groups
+    gi = g._replace(cin=g.cin // g.groups, cout=g.cout // g.groups, groups=1)
+    if gi.in_numel * max(gi.in_numel, gi.out_numel) > EXACT_MAX_ELEMENTS:
+        raise ValueError(f"w: the operator matrix would have {gi.in_numel}x{gi.out_numel} "
+                         f"entries per group, more than EXACT_MAX_ELEMENTS="
+                         f"{EXACT_MAX_ELEMENTS}; use power_iter with many iterations instead")
+    k4 = wd.reshape(g.cout, g.cin // g.groups, g.kh, g.kw)
+    best = torch.zeros((), dtype=torch.float64, device=w.device)
+    eye = torch.eye(gi.in_numel, dtype=torch.float64, device=w.device)
+    for j in range(g.groups):
+        kj = k4[j * gi.cout:(j + 1) * gi.cout]
+        rows = conv_c(gi, kj, eye)  # (in_numel, out_numel): row i is C e_i
+        best = torch.maximum(best, torch.linalg.matrix_norm(rows, 2))
+    return best

@@ -1,0 +1,1 @@
+"""Triton kernels of lipkern (importable as lipkern.triton_kernels; needs triton)."""

@@ -1,0 +1,504 @@
+"""Triton kernels for the fused power iteration: ONE launch for the forward of every layer
+(all iterations, all kinds) plus the network product, ONE launch for every weight gradient.
+
+Forward design (v1): one program per layer walks the layer table (``lipkern.layout``) and runs
+that layer's whole iteration; phases within a program are ordered by ``tl.debug_barrier``.
+No program ever waits on another, so the same kernel runs under ``TRITON_INTERPRET=1`` (where
+a spin barrier would deadlock). The product of the sigmas is taken by the last program to
+finish (an acq_rel atomic counter that the same program resets to 0), so it costs no second
+launch. Each layer's map is written in conv form (see ``lipkern.spec``):
+
+* dense (m, n): one pass over W per iteration -- for each row block, ``y_b = W_b x`` then
+  ``xn += W_b^T y_b`` while the block is in cache, so ``W^T W x`` never needs y whole;
+* conv ``C x``: implicit GEMM over (output channels) x (output pixels), reducing over
+  (input channel, kh, kw) with a gathered input tile; circular padding wraps the gather;
+* adjoint ``C^T y``: a gather as well (no atomics): input pixel (ih, iw) collects the output
+  pixels with ``oh * sh + kh * dh == ih + ph (+ t * h for circular, t in {-1, 0, 1})``.
+
+Backward: one program per (layer, weight tile) from a host-built tile table; a tile is
+``g_l * u x^T`` (dense) or a conv weight-gradient tile (x and u swapped for transposed convs),
+where ``g_l = dL/dsigma_l`` combines the three upstream gradients without dividing by sigma.
+
+All iteration math is float32 (weights of any float dtype are upcast on load); matmul-like
+reductions use ``tl.dot`` with ``input_precision="ieee"`` (tf32 would cost ~1e-3 relative
+error in sigma, more than the tolerance users expect of an fp32 result).
+"""
+from __future__ import annotations
+
+import functools
+
+import torch
+import triton
+import triton.language as tl
+
+# ---------------------------------------------------------------- table fields
+# (indices into a META_WIDTH row; must match lipkern.layout.META_FIELDS)
+F_KIND, F_XOFF, F_YOFF, F_CIN, F_H, F_W, F_COUT, F_OH, F_OW, F_KH, F_KW = range(11)
+F_SH, F_SW, F_PH, F_PW, F_DH, F_DW, F_G, F_CIRC, F_WOFF = range(11, 20)
+
+# Block sizes. tl.dot needs every dim >= 16; 32 keeps masked waste low on the small channel
+# counts of real layers (3, 64, 128) while giving the GPU 1k-element tiles.
+BLOCK_C, BLOCK_P, BLOCK_R = 32, 32, 32
+BLOCK_M, BLOCK_N = 32, 64
+BLOCK_V = 256  # vector passes (normalize, scale)
+
+
+@triton.jit
+def _mul(a, b):
+    return a * b
+
+
+@triton.jit
+def _gather_input(src_ptr, chan, ih, iw, H, W, CIRC, valid):
+    """Load src[chan, ih, iw] (flat (C, H, W)), wrapping ih/iw when CIRC, 0 outside."""
+    ihw = ((ih % H) + H) % H  # python and C agree on this form for negative ih
+    iww = ((iw % W) + W) % W
+    inside = (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
+    ih = tl.where(CIRC != 0, ihw, ih)
+    iw = tl.where(CIRC != 0, iww, iw)
+    # (inside | CIRC) in int arithmetic: the interpreter's `bool | scalar` is not a bool mask
+    ok = valid & ((inside.to(tl.int32) + CIRC) != 0)
+    return tl.load(src_ptr + chan * (H * W) + ih * W + iw, mask=ok, other=0.0).to(tl.float32)
+
+
+@triton.jit
+def _conv_c_phase(w_ptr, src_ptr, dst_ptr, CIN, H, W, COUT, OH, OW, KH, KW, SH, SW, PH, PW,
+                  DH, DW, G, CIRC,
+                  BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_R: tl.constexpr):
+    """dst (COUT*OH*OW) = C src (CIN*H*W); returns ||dst||^2."""
+    CIG = CIN // G
+    COG = COUT // G
+    KK = KH * KW
+    R = CIG * KK
+    P = OH * OW
+    ss = tl.zeros([BLOCK_C, BLOCK_P], tl.float32)
+    for g in range(G):
+        for c0 in range(0, COG, BLOCK_C):
+            co = c0 + tl.arange(0, BLOCK_C)
+            cmask = co < COG
+            for p0 in range(0, P, BLOCK_P):
+                pm = p0 + tl.arange(0, BLOCK_P)
+                pmask = pm < P
+                oh = pm // OW
+                ow = pm % OW
+                acc = tl.zeros([BLOCK_C, BLOCK_P], tl.float32)
+                for r0 in range(0, R, BLOCK_R):
+                    r = r0 + tl.arange(0, BLOCK_R)
+                    rmask = r < R
+                    ci = r // KK
+                    kh = (r % KK) // KW
+                    kw = r % KW
+                    wt = tl.load(w_ptr + (g * COG + co)[:, None] * R + r[None, :],
+                                 mask=cmask[:, None] & rmask[None, :], other=0.0).to(tl.float32)
+                    ih = oh[None, :] * SH - PH + kh[:, None] * DH
+                    iw = ow[None, :] * SW - PW + kw[:, None] * DW
+                    xv = _gather_input(src_ptr, (g * CIG + ci)[:, None], ih, iw, H, W, CIRC,
+                                       rmask[:, None] & pmask[None, :])
+                    acc += tl.dot(wt, xv, input_precision="ieee")
+                tl.store(dst_ptr + (g * COG + co)[:, None] * P + pm[None, :], acc,
+                         mask=cmask[:, None] & pmask[None, :])
+                ss += acc * acc
+    return tl.sum(ss)
+
+
+@triton.jit
+def _conv_ct_phase(w_ptr, src_ptr, dst_ptr, CIN, H, W, COUT, OH, OW, KH, KW, SH, SW, PH, PW,
+                   DH, DW, G, CIRC,
+                   BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_R: tl.constexpr):
+    """dst (CIN*H*W) = C^T src (COUT*OH*OW); returns ||dst||^2."""
+    CIG = CIN // G
+    COG = COUT // G
+    KK = KH * KW
+    R = CIG * KK          # weight row length
+    R2 = COG * KK         # reduction length of the adjoint
+    P2 = H * W
+    OP = OH * OW
+    ss = tl.zeros([BLOCK_C, BLOCK_P], tl.float32)
+    for g in range(G):
+        for c0 in range(0, CIG, BLOCK_C):
+            ci = c0 + tl.arange(0, BLOCK_C)
+            cmask = ci < CIG
+            for p0 in range(0, P2, BLOCK_P):
+                pm = p0 + tl.arange(0, BLOCK_P)
+                pmask = pm < P2
+                ih = pm // W
+                iw = pm % W
+                acc = tl.zeros([BLOCK_C, BLOCK_P], tl.float32)
+                for r0 in range(0, R2, BLOCK_R):
+                    r = r0 + tl.arange(0, BLOCK_R)
+                    rmask = r < R2
+                    co = r // KK
+                    kk = r % KK
+                    kh = kk // KW
+                    kw = kk % KW
+                    wt = tl.load(w_ptr + (g * COG + co)[None, :] * R + ci[:, None] * KK
+                                 + kk[None, :],
+                                 mask=cmask[:, None] & rmask[None, :], other=0.0).to(tl.float32)
+                    base = rmask[:, None] & pmask[None, :]
+                    # circular: padded row q = ih + PH + t*H, t in {-1, 0, 1} (PH <= H)
+                    for th in range(-CIRC, CIRC + 1):
+                        nh = ih[None, :] + PH - kh[:, None] * DH + th * H
+                        okh = nh >= 0
+                        nh = tl.where(okh, nh, 0)
+                        okh = okh & (nh % SH == 0) & (nh // SH < OH)
+                        for tw in range(-CIRC, CIRC + 1):
+                            nw = iw[None, :] + PW - kw[:, None] * DW + tw * W
+                            okw = nw >= 0
+                            nw = tl.where(okw, nw, 0)
+                            okw = okw & (nw % SW == 0) & (nw // SW < OW)
+                            yv = tl.load(src_ptr + (g * COG + co)[:, None] * OP
+                                         + (nh // SH) * OW + nw // SW,
+                                         mask=base & okh & okw, other=0.0)
+                            acc += tl.dot(wt, yv, input_precision="ieee")
+                tl.store(dst_ptr + (g * CIG + ci)[:, None] * P2 + pm[None, :], acc,
+                         mask=cmask[:, None] & pmask[None, :])
+                ss += acc * acc
+    return tl.sum(ss)
+
+
+@triton.jit
+def _dense_pass(w_ptr, x_ptr, y_ptr, xn_ptr, M, N, ACCUM,
+                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """y = W x (W row-major (M, N)); if ACCUM, also xn += W^T y, row block by row block, so
+    W is streamed once per iteration. Returns ||y||^2."""
+    ss = tl.zeros([BLOCK_M], tl.float32)
+    for m0 in range(0, M, BLOCK_M):
+        rows = m0 + tl.arange(0, BLOCK_M)
+        rmask = rows < M
+        yb = tl.zeros([BLOCK_M], tl.float32)
+        for n0 in range(0, N, BLOCK_N):
+            cols = n0 + tl.arange(0, BLOCK_N)
+            cmask = cols < N
+            wt = tl.load(w_ptr + rows[:, None] * N + cols[None, :],
+                         mask=rmask[:, None] & cmask[None, :], other=0.0).to(tl.float32)
+            xv = tl.load(x_ptr + cols, mask=cmask, other=0.0)
+            yb += tl.sum(wt * xv[None, :], axis=1)
+        tl.store(y_ptr + rows, yb, mask=rmask)
+        ss += yb * yb
+        if ACCUM != 0:
+            for n0 in range(0, N, BLOCK_N):
+                cols = n0 + tl.arange(0, BLOCK_N)
+                cmask = cols < N
+                wt = tl.load(w_ptr + rows[:, None] * N + cols[None, :],
+                             mask=rmask[:, None] & cmask[None, :], other=0.0).to(tl.float32)
+                xo = tl.load(xn_ptr + cols, mask=cmask, other=0.0)
+                tl.store(xn_ptr + cols, xo + tl.sum(wt * yb[:, None], axis=0), mask=cmask)
+            tl.debug_barrier()  # the next row block adds into the same xn entries
+    return tl.sum(ss)
+
+
+@triton.jit
+def _sumsq(src_ptr, N, BLOCK_V: tl.constexpr):
+    ss = tl.zeros([BLOCK_V], tl.float32)
+    for n0 in range(0, N, BLOCK_V):
+        offs = n0 + tl.arange(0, BLOCK_V)
+        v = tl.load(src_ptr + offs, mask=offs < N, other=0.0).to(tl.float32)
+        ss += v * v
+    return tl.sum(ss)
+
+
+@triton.jit
+def _scale_into(src_ptr, dst_ptr, N, scale, ZERO_SRC, BLOCK_V: tl.constexpr):
+    """dst = src * scale; then src = 0 if ZERO_SRC (the dense accumulator's reset)."""
+    for n0 in range(0, N, BLOCK_V):
+        offs = n0 + tl.arange(0, BLOCK_V)
+        m = offs < N
+        v = tl.load(src_ptr + offs, mask=m, other=0.0).to(tl.float32)
+        tl.store(dst_ptr + offs, v * scale, mask=m)
+        if ZERO_SRC != 0:
+            tl.store(src_ptr + offs, tl.zeros([BLOCK_V], tl.float32), mask=m)
+
+
+@triton.jit
+def _apply_a(kind, w_ptr, x_ptr, y_ptr, xn_ptr, ACCUM, CIN, H, W, COUT, OH, OW, KH, KW,
+             SH, SW, PH, PW, DH, DW, G, CIRC,
+             BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_R: tl.constexpr,
+             BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """y = A x for the layer's operator; returns ||y||^2 (dense also does xn += W^T y)."""
+    if kind == 0:
+        s2 = _dense_pass(w_ptr, x_ptr, y_ptr, xn_ptr, COUT, CIN, ACCUM, BLOCK_M, BLOCK_N)
+    elif kind == 1:
+        s2 = _conv_c_phase(w_ptr, x_ptr, y_ptr, CIN, H, W, COUT, OH, OW, KH, KW, SH, SW,
+                           PH, PW, DH, DW, G, CIRC, BLOCK_C, BLOCK_P, BLOCK_R)
+    else:
+        s2 = _conv_ct_phase(w_ptr, x_ptr, y_ptr, CIN, H, W, COUT, OH, OW, KH, KW, SH, SW,
+                            PH, PW, DH, DW, G, CIRC, BLOCK_C, BLOCK_P, BLOCK_R)
+    return s2
+
+
+@triton.jit
+def power_iter_fwd_kernel(
+        meta_ptr, wptr_ptr, x0_ptr, x_ptr, u_ptr, xn_ptr, sig_ptr, lip_ptr, loglip_ptr,
+        counter_ptr, L, n_iters, eps, tol,
+        W_DTYPE: tl.constexpr, META_WIDTH: tl.constexpr, BLOCK_L: tl.constexpr,
+        BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_R: tl.constexpr,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr):
+    """Program l runs layer l's iteration; the last program to finish writes the product.
+
+    meta_ptr: (L, META_WIDTH) int32 layer table; wptr_ptr: (L,) int64 weight addresses;
+    x0/x/xn: packed (total_x,) fp32 (start, result, scratch); u: (total_y,) fp32;
+    sig: (L,) fp32; lip, loglip: () fp32; counter: (1,) int32, 0 on entry and on exit.
+    tol < 0 disables the early exit."""
+    l = tl.program_id(0)
+    row = meta_ptr + l * META_WIDTH
+    kind = tl.load(row + F_KIND)
+    x_off = tl.load(row + F_XOFF)
+    y_off = tl.load(row + F_YOFF)
+    CIN = tl.load(row + F_CIN)
+    H = tl.load(row + F_H)
+    W = tl.load(row + F_W)
+    COUT = tl.load(row + F_COUT)
+    OH = tl.load(row + F_OH)
+    OW = tl.load(row + F_OW)
+    KH = tl.load(row + F_KH)
+    KW = tl.load(row + F_KW)
+    SH = tl.load(row + F_SH)
+    SW = tl.load(row + F_SW)
+    PH = tl.load(row + F_PH)
+    PW = tl.load(row + F_PW)
+    DH = tl.load(row + F_DH)
+    DW = tl.load(row + F_DW)
+    G = tl.load(row + F_G)
+    CIRC = tl.load(row + F_CIRC)
+    w_ptr = tl.load(wptr_ptr + l).to(tl.pointer_type(W_DTYPE), bitcast=True)
+    NI = CIN * H * W
+    NO = COUT * OH * OW
+    NX = tl.where(kind == 2, NO, NI)
+    NY = tl.where(kind == 2, NI, NO)
+    x = x_ptr + x_off
+    xn = xn_ptr + x_off
+    u = u_ptr + y_off
+
+    # x = x0 / max(||x0||, eps); xn = 0 (the dense accumulator)
+    n0 = tl.sqrt(_sumsq(x0_ptr + x_off, NX, BLOCK_V))
+    _scale_into(x0_ptr + x_off, x, NX, 1.0 / tl.maximum(n0, eps), 0, BLOCK_V)
+    _scale_into(x, xn, NX, 0.0, 0, BLOCK_V)
+    tl.debug_barrier()
+
+    k = 0
+    s_prev = -1.0
+    while k < n_iters:
+        s = tl.sqrt(_apply_a(kind, w_ptr, x, u, xn, 1, CIN, H, W, COUT, OH, OW, KH, KW,
+                             SH, SW, PH, PW, DH, DW, G, CIRC,
+                             BLOCK_C, BLOCK_P, BLOCK_R, BLOCK_M, BLOCK_N))
+        tl.debug_barrier()
+        done = (tol >= 0) & (k > 0) & (tl.abs(s - s_prev) <= tol * s)
+        if done:
+            k = n_iters
+        else:
+            if kind == 1:
+                _conv_ct_phase(w_ptr, u, xn, CIN, H, W, COUT, OH, OW, KH, KW, SH, SW,
+                               PH, PW, DH, DW, G, CIRC, BLOCK_C, BLOCK_P, BLOCK_R)
+            elif kind == 2:
+                _conv_c_phase(w_ptr, u, xn, CIN, H, W, COUT, OH, OW, KH, KW, SH, SW,
+                              PH, PW, DH, DW, G, CIRC, BLOCK_C, BLOCK_P, BLOCK_R)
+            tl.debug_barrier()
+            nx = tl.sqrt(_sumsq(xn, NX, BLOCK_V))
+            tl.debug_barrier()
+            # x = xn / max(||xn||, eps), and xn = 0 for the next dense accumulation
+            _scale_into(xn, x, NX, 1.0 / tl.maximum(nx, eps), 1, BLOCK_V)
+            tl.debug_barrier()
+            k += 1
+        s_prev = s
+
+    sigma = tl.sqrt(_apply_a(kind, w_ptr, x, u, xn, 0, CIN, H, W, COUT, OH, OW, KH, KW,
+                             SH, SW, PH, PW, DH, DW, G, CIRC,
+                             BLOCK_C, BLOCK_P, BLOCK_R, BLOCK_M, BLOCK_N))
+    tl.debug_barrier()
+    _scale_into(u, u, NY, 1.0 / tl.maximum(sigma, eps), 0, BLOCK_V)
+    tl.store(sig_ptr + l, sigma)
+    tl.debug_barrier()  # every thread's stores precede the release below
+
+    # the network bound, by whichever program finishes last
+    ticket = tl.atomic_add(counter_ptr, 1, sem="acq_rel")
+    if ticket == L - 1:
+        idx = tl.arange(0, BLOCK_L)
+        sl = tl.load(sig_ptr + idx, mask=idx < L, other=1.0, cache_modifier=".cg")
+        tl.store(lip_ptr, tl.reduce(sl, 0, _mul))
+        logs = tl.where(sl > 0, tl.log(tl.maximum(sl, 1e-38)), float("-inf"))
+        tl.store(loglip_ptr, tl.sum(tl.where(idx < L, logs, 0.0)))
+        tl.atomic_xchg(counter_ptr, 0)  # ready for the next launch on this stream
+
+
+@triton.jit
+def power_iter_bwd_kernel(
+        meta_ptr, tiles_ptr, x_ptr, u_ptr, sig_ptr, gs_ptr, gl_ptr, glog_ptr, grad_ptr, L,
+        HAS_GS: tl.constexpr, HAS_GL: tl.constexpr, HAS_GLOG: tl.constexpr,
+        META_WIDTH: tl.constexpr, BLOCK_L: tl.constexpr,
+        BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_R: tl.constexpr,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Program t writes weight-gradient tile tiles[t] = (layer, tile) into the packed grad.
+
+    g_l = gs[l] + gl * prod_{j != l} sigma_j + glog / sigma_l (0 where sigma_l == 0), then
+    dense: grad = g_l u x^T; conv: grad[co, r] = g_l sum_p u[co, p] x_gathered[r, p]
+    (transposed convs: x and u swap roles, since sigma = x^T C u)."""
+    t = tl.program_id(0)
+    l = tl.load(tiles_ptr + 2 * t)
+    tile = tl.load(tiles_ptr + 2 * t + 1)
+    row = meta_ptr + l * META_WIDTH
+    kind = tl.load(row + F_KIND)
+    x_off = tl.load(row + F_XOFF)
+    y_off = tl.load(row + F_YOFF)
+    w_off = tl.load(row + F_WOFF)
+    CIN = tl.load(row + F_CIN)
+    COUT = tl.load(row + F_COUT)
+    sigma = tl.load(sig_ptr + l)
+
+    coef = sigma * 0.0
+    if HAS_GS:
+        coef += tl.load(gs_ptr + l)
+    if HAS_GL:
+        gl = tl.load(gl_ptr)
+        idx = tl.arange(0, BLOCK_L)
+        sl = tl.load(sig_ptr + idx, mask=(idx < L) & (idx != l), other=1.0)
+        # gl == 0 with an overflowed product must give 0, not 0 * inf = NaN
+        coef += tl.where(gl != 0, gl * tl.reduce(sl, 0, _mul), 0.0)
+    if HAS_GLOG:
+        coef += tl.where(sigma > 0, tl.load(glog_ptr) / tl.maximum(sigma, 1e-38), 0.0)
+    gptr = grad_ptr + w_off
+
+    if kind == 0:
+        n_tn = tl.cdiv(CIN, BLOCK_N)
+        rows = (tile // n_tn) * BLOCK_M + tl.arange(0, BLOCK_M)
+        cols = (tile % n_tn) * BLOCK_N + tl.arange(0, BLOCK_N)
+        rmask = rows < COUT
+        cmask = cols < CIN
+        uv = tl.load(u_ptr + y_off + rows, mask=rmask, other=0.0)
+        xv = tl.load(x_ptr + x_off + cols, mask=cmask, other=0.0)
+        tl.store(gptr + rows[:, None] * CIN + cols[None, :], (coef * uv)[:, None] * xv[None, :],
+                 mask=rmask[:, None] & cmask[None, :])
+    else:
+        H = tl.load(row + F_H)
+        W = tl.load(row + F_W)
+        OH = tl.load(row + F_OH)
+        OW = tl.load(row + F_OW)
+        KH = tl.load(row + F_KH)
+        KW = tl.load(row + F_KW)
+        SH = tl.load(row + F_SH)
+        SW = tl.load(row + F_SW)
+        PH = tl.load(row + F_PH)
+        PW = tl.load(row + F_PW)
+        DH = tl.load(row + F_DH)
+        DW = tl.load(row + F_DW)
+        G = tl.load(row + F_G)
+        CIRC = tl.load(row + F_CIRC)
+        CIG = CIN // G
+        COG = COUT // G
+        KK = KH * KW
+        R = CIG * KK
+        P = OH * OW
+        n_cb = tl.cdiv(COG, BLOCK_C)
+        n_rb = tl.cdiv(R, BLOCK_R)
+        g = tile // (n_cb * n_rb)
+        co = ((tile // n_rb) % n_cb) * BLOCK_C + tl.arange(0, BLOCK_C)
+        r = (tile % n_rb) * BLOCK_R + tl.arange(0, BLOCK_R)
+        cmask = co < COG
+        rmask = r < R
+        ci = r // KK
+        kh = (r % KK) // KW
+        kw = r % KW
+        # C's input-space vector (gathered) and output-space vector
+        if kind == 1:
+            in_ptr = x_ptr + x_off
+            out_ptr = u_ptr + y_off
+        else:
+            in_ptr = u_ptr + y_off
+            out_ptr = x_ptr + x_off
+        acc = tl.zeros([BLOCK_C, BLOCK_R], tl.float32)
+        for p0 in range(0, P, BLOCK_P):
+            pm = p0 + tl.arange(0, BLOCK_P)
+            pmask = pm < P
+            oh = pm // OW
+            ow = pm % OW
+            ov = tl.load(out_ptr + (g * COG + co)[:, None] * P + pm[None, :],
+                         mask=cmask[:, None] & pmask[None, :], other=0.0)
+            ih = oh[:, None] * SH - PH + kh[None, :] * DH
+            iw = ow[:, None] * SW - PW + kw[None, :] * DW
+            xv = _gather_input(in_ptr, (g * CIG + ci)[None, :], ih, iw, H, W, CIRC,
+                               pmask[:, None] & rmask[None, :])
+            acc += tl.dot(ov, xv, input_precision="ieee")
+        tl.store(gptr + (g * COG + co)[:, None] * R + r[None, :], coef * acc,
+                 mask=cmask[:, None] & rmask[None, :])
+
+
+# ---------------------------------------------------------------- launchers
+_TL_DTYPES = {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}
+_counters: dict = {}
+
+
+@functools.lru_cache(maxsize=256)
+def _tables(meta: tuple, width: int, device: torch.device):
+    """Device copies of the layer table and the backward tile table (cached per layer set)."""
+    from lipkern.layout import layout_from_meta
+    layout = layout_from_meta(meta)
+    tiles = []
+    for i, g in enumerate(layout.geoms):
+        if g.kind == 0:
+            n = triton.cdiv(g.cout, BLOCK_M) * triton.cdiv(g.cin, BLOCK_N)
+        else:
+            n = (g.groups * triton.cdiv(g.cout // g.groups, BLOCK_C)
+                 * triton.cdiv((g.cin // g.groups) * g.kh * g.kw, BLOCK_R))
+        tiles += [v for j in range(n) for v in (i, j)]
+    meta_t = torch.tensor(meta, dtype=torch.int32).to(device)
+    tiles_t = torch.tensor(tiles, dtype=torch.int32).to(device)
+    return meta_t, tiles_t, len(tiles) // 2
+
+
+def _counter(device: torch.device) -> torch.Tensor:
+    # One per device; each launch leaves it at 0. Launches on one stream are ordered, so they
+    # never share it concurrently; lipkern does not launch this kernel on two streams at once.
+    c = _counters.get(device)
+    if c is None:
+        c = _counters[device] = torch.zeros(1, dtype=torch.int32, device=device)
+    return c
+
+
+def _check_int32(layout) -> None:
+    if max(layout.total_x, layout.total_y, layout.total_w) >= 2 ** 31:
+        raise ValueError("weights: the triton backend indexes with int32; these layers need "
+                         ">= 2^31 elements (use backend='torch')")
+
+
+def forward(weights, x0, layout, n_iters: int, eps: float, tol: float):
+    """Launch the fused forward. weights: same dtype/device, contiguous; x0: (total_x,) fp32.
+    Returns (sigmas (L,), lipschitz (), log_lipschitz (), x (total_x,), u (total_y,)), fp32."""
+    from lipkern.layout import META_WIDTH
+    _check_int32(layout)
+    device = x0.device
+    L = layout.num_layers
+    meta_t, _, _ = _tables(layout.meta, META_WIDTH, device)
+    wptrs = torch.tensor([w.data_ptr() for w in weights], dtype=torch.int64).to(device)
+    x = torch.empty(layout.total_x, dtype=torch.float32, device=device)
+    xn = torch.empty_like(x)
+    u = torch.empty(layout.total_y, dtype=torch.float32, device=device)
+    sig = torch.empty(L, dtype=torch.float32, device=device)
+    lip = torch.empty((), dtype=torch.float32, device=device)
+    loglip = torch.empty((), dtype=torch.float32, device=device)
+    power_iter_fwd_kernel[(L,)](
+        meta_t, wptrs, x0, x, u, xn, sig, lip, loglip, _counter(device), L, n_iters, eps,
+        tol, W_DTYPE=_TL_DTYPES[weights[0].dtype], META_WIDTH=META_WIDTH,
+        BLOCK_L=max(16, triton.next_power_of_2(L)), BLOCK_C=BLOCK_C, BLOCK_P=BLOCK_P,
+        BLOCK_R=BLOCK_R, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_V=BLOCK_V, num_warps=4)
+    return sig, lip, loglip, x, u
+
+
+def backward(x, u, sigmas, grad_sigmas, grad_lip, grad_log, layout, wdtype):
+    """Launch the fused backward; returns the packed weight gradient (total_w,) in wdtype."""
+    from lipkern.layout import META_WIDTH
+    device = x.device
+    meta_t, tiles_t, n_tiles = _tables(layout.meta, META_WIDTH, device)
+    grad = torch.empty(layout.total_w, dtype=wdtype, device=device)
+    # autograd may hand over expanded (stride-0) gradients, e.g. from sigmas.sum()
+    grad_sigmas, grad_lip, grad_log = (None if t is None else t.contiguous().float()
+                                       for t in (grad_sigmas, grad_lip, grad_log))
+    dummy = sigmas
+    power_iter_bwd_kernel[(n_tiles,)](
+        meta_t, tiles_t, x, u, sigmas,
+        grad_sigmas if grad_sigmas is not None else dummy,
+        grad_lip if grad_lip is not None else dummy,
+        grad_log if grad_log is not None else dummy, grad, layout.num_layers,
+        HAS_GS=grad_sigmas is not None, HAS_GL=grad_lip is not None,
+        HAS_GLOG=grad_log is not None, META_WIDTH=META_WIDTH,
+        BLOCK_L=max(16, triton.next_power_of_2(layout.num_layers)), BLOCK_C=BLOCK_C,
+        BLOCK_P=BLOCK_P, BLOCK_R=BLOCK_R, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, num_warps=4)
+    return grad
