@@ -26,6 +26,7 @@ error in sigma, more than the tolerance users expect of an fp32 result).
 from __future__ import annotations
 
 import functools
+import os
 
 import torch
 import triton
@@ -424,6 +425,14 @@ def power_iter_bwd_kernel(
 # ---------------------------------------------------------------- launchers
 _TL_DTYPES = {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}
 _counters: dict = {}
+# Tests set this to fill every output with NaN before a launch, so an element the kernel
+# forgets to write cannot pass by holding a plausible stale value.
+POISON_OUTPUTS = os.environ.get("LIPKERN_POISON_OUTPUTS", "0") == "1"
+
+
+def _empty(*shape, dtype, device):
+    t = torch.empty(*shape, dtype=dtype, device=device)
+    return t.fill_(float("nan")) if POISON_OUTPUTS else t
 
 
 @functools.lru_cache(maxsize=256)
@@ -468,12 +477,13 @@ def forward(weights, x0, layout, n_iters: int, eps: float, tol: float):
     L = layout.num_layers
     meta_t, _, _ = _tables(layout.meta, META_WIDTH, device)
     wptrs = torch.tensor([w.data_ptr() for w in weights], dtype=torch.int64).to(device)
-    x = torch.empty(layout.total_x, dtype=torch.float32, device=device)
-    xn = torch.empty_like(x)
-    u = torch.empty(layout.total_y, dtype=torch.float32, device=device)
-    sig = torch.empty(L, dtype=torch.float32, device=device)
-    lip = torch.empty((), dtype=torch.float32, device=device)
-    loglip = torch.empty((), dtype=torch.float32, device=device)
+    f32 = dict(dtype=torch.float32, device=device)
+    x = _empty(layout.total_x, **f32)
+    xn = _empty(layout.total_x, **f32)
+    u = _empty(layout.total_y, **f32)
+    sig = _empty(L, **f32)
+    lip = _empty((), **f32)
+    loglip = _empty((), **f32)
     power_iter_fwd_kernel[(L,)](
         meta_t, wptrs, x0, x, u, xn, sig, lip, loglip, _counter(device), L, n_iters, eps,
         tol, W_DTYPE=_TL_DTYPES[weights[0].dtype], META_WIDTH=META_WIDTH,
@@ -487,7 +497,7 @@ def backward(x, u, sigmas, grad_sigmas, grad_lip, grad_log, layout, wdtype):
     from lipkern.layout import META_WIDTH
     device = x.device
     meta_t, tiles_t, n_tiles = _tables(layout.meta, META_WIDTH, device)
-    grad = torch.empty(layout.total_w, dtype=wdtype, device=device)
+    grad = _empty(layout.total_w, dtype=wdtype, device=device)
     # autograd may hand over expanded (stride-0) gradients, e.g. from sigmas.sum()
     grad_sigmas, grad_lip, grad_log = (None if t is None else t.contiguous().float()
                                        for t in (grad_sigmas, grad_lip, grad_log))

@@ -1,0 +1,198 @@
+"""lipkern.fused_power_iter, every backend, against lipkern.reference.
+
+Tolerance rule (flash-attention's): a backend's error against the float64 reference is at most
+2x the error of the reference itself run in float32 on the same inputs, plus a floor of
+FLOOR x the result's scale for outputs the float32 reference happens to hit exactly.
+"""
+import pytest
+import torch
+
+import lipkern
+from lipkern import reference as ref
+
+from conftest import DEVICES
+from layers import MIXED, leaf, make_weights
+
+BACKENDS = ["torch", "triton"]
+FLOOR = 1e-5  # measured: fp32 kernels sit within 3e-6 relative of the fp64 reference here
+
+
+def _run(fn, ws, specs, coefs, **kw):
+    """Forward + backward of loss = c0 . sigmas + c1 * lipschitz + c2 * log_lipschitz."""
+    ws = leaf(ws)
+    r = fn(ws, specs, **kw)
+    loss = (coefs[0] * r.sigmas).sum() + coefs[1] * r.lipschitz + coefs[2] * r.log_lipschitz
+    loss.backward()
+    return r, [w.grad for w in ws]
+
+
+def _assert_close_rule(name, got, want64, ref32):
+    # an output stored in bf16/fp16 may round one ulp away from where the reference's value
+    # rounded (measured: 0.056 on a bf16 gradient of scale 11.5, one ulp is 0.0625)
+    floor = max(FLOOR, torch.finfo(got.dtype).eps)
+    got, want64, ref32 = (t.detach().double().cpu() for t in (got, want64, ref32))
+    scale = float(want64.abs().max())
+    err = float((got - want64).abs().max())
+    base = float((ref32 - want64).abs().max())
+    assert err <= 2 * base + floor * scale, f"{name}: err {err:.3g} > 2 x {base:.3g} + floor"
+
+
+def _backend_ok(backend, device, dtype):
+    why = lipkern.backends._why_not(backend, torch.device(device), dtype)
+    if why:
+        pytest.skip(why)
+
+
+def _coefs(L, dtype=torch.float64, seed=11):
+    g = torch.Generator().manual_seed(seed)
+    # small c1: the product of 12 sigmas is ~1e8, keep its gradient on the others' scale
+    return torch.rand(L, generator=g, dtype=dtype), 1e-8, 0.5
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16],
+                         ids=["fp32", "bf16", "fp16"])
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_mixed_layers_match_reference(backend, dtype, device):
+    _backend_ok(backend, device, dtype)
+    ws, specs = make_weights(MIXED, dtype, device, seed=1)
+    gen = lambda: torch.Generator().manual_seed(5)  # noqa: E731
+    c = _coefs(len(ws))
+    r, grads = _run(lipkern.fused_power_iter, ws, specs, (c[0].to(device).float(), *c[1:]),
+                    n_iters=3, backend=backend, generator=gen())
+    r64, g64 = _run(ref.power_iter, [w.double() for w in ws], specs,
+                    (c[0].to(device), *c[1:]), n_iters=3, generator=gen())
+    # the reference in the op's own precision: fp32 iteration, gradients in the weights' dtype
+    r32, g32 = _run(ref.power_iter, ws, specs,
+                    (c[0].to(device).float(), *c[1:]), n_iters=3, generator=gen())
+    assert r.sigmas.dtype == torch.float32 and r.sigmas.device.type == device
+    for name in ("sigmas", "lipschitz", "log_lipschitz"):
+        _assert_close_rule(name, getattr(r, name), getattr(r64, name), getattr(r32, name))
+    _assert_close_rule("state.x", r.state.x, r64.state.x, r32.state.x)
+    _assert_close_rule("state.u", r.state.u, r64.state.u, r32.state.u)
+    for i, (g, gw, gr) in enumerate(zip(grads, g64, g32)):
+        assert g.dtype == dtype and g.shape == ws[i].shape
+        _assert_close_rule(f"grad[{i}] {tuple(ws[i].shape)}", g, gw, gr)
+
+
+@pytest.mark.parametrize("backend", ["torch"])
+def test_float64_matches_reference(backend):
+    ws, specs = make_weights(MIXED, torch.float64, seed=2)
+    c = _coefs(len(ws))
+    gen = lambda: torch.Generator().manual_seed(5)  # noqa: E731
+    r, grads = _run(lipkern.fused_power_iter, ws, specs, c, n_iters=4, backend=backend,
+                    generator=gen())
+    r64, g64 = _run(ref.power_iter, ws, specs, c, n_iters=4, generator=gen())
+    assert r.sigmas.dtype == torch.float64
+    torch.testing.assert_close(r.sigmas, r64.sigmas, rtol=1e-12, atol=0)
+    torch.testing.assert_close(r.lipschitz, r64.lipschitz, rtol=1e-12, atol=0)
+    for g, gw in zip(grads, g64):
+        torch.testing.assert_close(g, gw, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_warm_start_continues_the_iteration(backend, device):
+    _backend_ok(backend, device, torch.float32)
+    ws, specs = make_weights(MIXED[::2], torch.float32, device, seed=3)
+    gen = torch.Generator().manual_seed(1)
+    cold = lipkern.fused_power_iter(ws, specs, n_iters=2, backend=backend, generator=gen)
+    warm = lipkern.fused_power_iter(ws, specs, n_iters=1, state=cold.state, backend=backend)
+    want = ref.power_iter([w.double() for w in ws], specs, n_iters=1,
+                          state=cold.state.to(torch.float64))
+    torch.testing.assert_close(warm.sigmas.double(), want.sigmas, rtol=2e-5, atol=0)
+    # in exact arithmetic 2 + 1 iterations == 3 iterations
+    three = lipkern.fused_power_iter(ws, specs, n_iters=3, backend=backend,
+                                     generator=torch.Generator().manual_seed(1))
+    torch.testing.assert_close(warm.sigmas, three.sigmas, rtol=2e-5, atol=0)
+    assert not warm.state.x.requires_grad and warm.state.x.device.type == device
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_tol_stops_each_layer_like_the_reference(backend, device):
+    _backend_ok(backend, device, torch.float32)
+    # diagonal matrices: the estimate converges at a known rate (ratio s2/s1 per step), so
+    # the stopping step is far from a rounding-sensitive borderline
+    ws = [torch.diag(torch.tensor([3.0, 1.0, 0.5])),      # fast: stops after a few steps
+          torch.diag(torch.tensor([3.0, 2.9, 0.5])),      # slow: runs all n_iters
+          torch.randn(6, 4, 3, 3, generator=torch.Generator().manual_seed(0))]
+    ws = [w.to(device) for w in ws]
+    specs = [None, None, lipkern.ConvSpec(5, padding=1)]
+    x0 = lipkern.PowerIterState(torch.ones(3 + 3 + 4 * 25, device=device),
+                                torch.zeros(3 + 3 + 6 * 25, device=device),
+                                lipkern.layout.layout_for(tuple(tuple(w.shape) for w in ws),
+                                                          tuple(specs)).meta)
+    got = lipkern.fused_power_iter(ws, specs, state=x0, n_iters=40, tol=1e-4, backend=backend)
+    want = ref.power_iter([w.double() for w in ws], specs, state=x0.to(torch.float64),
+                          n_iters=40, tol=1e-4)
+    torch.testing.assert_close(got.sigmas.double(), want.sigmas, rtol=1e-5, atol=0)
+    # the fast layer stopped early: its x is not the 40-iteration x
+    full = ref.power_iter([w.double() for w in ws], specs, state=x0.to(torch.float64),
+                          n_iters=40)
+    assert (got.state.x[:3].double().cpu() - full.state.x[:3].cpu()).abs().max() > 1e-7
+    torch.testing.assert_close(got.state.x.double(), want.state.x, rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_zero_weight_gives_zero_sigma_and_finite_gradients(backend, device):
+    _backend_ok(backend, device, torch.float32)
+    ws, specs = make_weights(MIXED[3:6], torch.float32, device, seed=4)
+    ws[1] = torch.zeros_like(ws[1])
+    ws = leaf(ws)
+    r = lipkern.fused_power_iter(ws, specs, backend=backend,
+                                 generator=torch.Generator().manual_seed(0))
+    assert r.sigmas[1] == 0 and r.lipschitz == 0 and r.log_lipschitz == float("-inf")
+    (r.sigmas.sum() + r.lipschitz + r.log_lipschitz).backward()
+    for w in ws:
+        assert torch.isfinite(w.grad).all()
+    assert (ws[1].grad == 0).all()
+    assert (r.state.u[r.state.u.isnan()]).numel() == 0
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_zero_iterations_is_the_norm_of_A_x0(backend):
+    _backend_ok(backend, "cpu", torch.float32)
+    ws, specs = make_weights(MIXED[4:7], torch.float32, seed=5)
+    r = lipkern.fused_power_iter(ws, specs, n_iters=0, backend=backend,
+                                 generator=torch.Generator().manual_seed(2))
+    x0 = lipkern.layout.initial_x(lipkern.layout.layout_for(
+        tuple(tuple(w.shape) for w in ws), tuple(specs)), torch.device("cpu"), torch.float32,
+        torch.Generator().manual_seed(2))
+    lay = lipkern.layout.layout_for(tuple(tuple(w.shape) for w in ws), tuple(specs))
+    for i, (w, g) in enumerate(zip(ws, lay.geoms)):
+        x = x0[lay.x_slice(i)]
+        want = ref.apply_op(g, w, x / x.norm()).norm()
+        torch.testing.assert_close(r.sigmas[i], want, rtol=1e-5, atol=0)
+
+
+def test_autocast_iterates_in_float32():
+    ws, specs = make_weights(MIXED[3:8], torch.float32, seed=6)
+    gen = lambda: torch.Generator().manual_seed(0)  # noqa: E731
+    plain = lipkern.fused_power_iter(ws, specs, backend="torch", generator=gen())
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        auto = lipkern.fused_power_iter(ws, specs, backend="torch", generator=gen())
+    assert auto.sigmas.dtype == torch.float32
+    torch.testing.assert_close(auto.sigmas, plain.sigmas, rtol=1e-6, atol=0)
+
+
+def test_generator_makes_the_start_reproducible():
+    ws, specs = make_weights(MIXED[4:6], torch.float32, seed=7)
+    a = lipkern.fused_power_iter(ws, specs, n_iters=1, generator=torch.Generator().manual_seed(3))
+    b = lipkern.fused_power_iter(ws, specs, n_iters=1, generator=torch.Generator().manual_seed(3))
+    c = lipkern.fused_power_iter(ws, specs, n_iters=1, generator=torch.Generator().manual_seed(4))
+    assert torch.equal(a.sigmas, b.sigmas) and not torch.equal(a.sigmas, c.sigmas)
+
+
+def test_defaults_need_only_a_list_of_weights():
+    ws = [torch.randn(16, 8), torch.randn(8, 4, 3, 3)]
+    r = lipkern.fused_power_iter(ws)
+    assert r.sigmas.shape == (2,) and torch.isfinite(r.sigmas).all()
+    exact = torch.stack([ref.exact_sigma(w) for w in ws]).float()
+    assert (r.sigmas <= exact * (1 + 1e-5)).all() and (r.sigmas > 0.5 * exact).all()
+
+
+def test_auto_picks_torch_on_cpu():
+    assert lipkern.backends.resolve_backend("auto", torch.device("cpu"), torch.float32) == "torch"
+    assert "torch" in lipkern.available_backends("cpu")
