@@ -1,0 +1,352 @@
+"""Side-by-side benchmark of per-layer spectral norms + network bound, forward and backward.
+
+Every provider runs on the same weights and start vectors. Rows: median with p20/p80, speedup
+over the naive loop, achieved GFLOP/s, and the floor (FLOPs at the measured peak of a large
+matmul on this device). Markdown table on stdout; rows appended as JSON lines to
+bench/results/power_iter.jsonl (device, versions and date in every row).
+
+    python bench/bench_power_iter.py                       # toy workload, short default
+    python bench/bench_power_iter.py --workload mlp --mode both --reps 20
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+
+import lipkern
+from lipkern import ConvSpec
+
+RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
+
+
+# ---------------------------------------------------------------- workloads
+def workload(name: str, device, scale: str):
+    """(weights, specs, n_iters, warm) for a named workload. scale="cpu" shrinks the toy
+    workload to the CPU size of issue 3 (20 conv 3x3 32->32 at 16x16)."""
+    g = torch.Generator().manual_seed(0)
+
+    def conv(cout, cin, k=3):
+        return torch.randn(cout, cin, k, k, generator=g) * (2.0 / (cin * k * k)) ** 0.5
+
+    if name == "toy":
+        c, hw = (32, 16) if scale == "cpu" else (64, 32)
+        ws = [conv(c, c) for _ in range(20)]
+        specs = [ConvSpec(hw, padding=1) for _ in ws]
+        n_iters, warm = 5, False
+    elif name == "resnet18":
+        ws, specs = [conv(64, 3)], [ConvSpec(32, padding=1)]
+        size = 32
+        for cin, cout, stride in [(64, 64, 1), (64, 128, 2), (128, 256, 2), (256, 512, 2)]:
+            for block in range(2):
+                s = stride if block == 0 else 1
+                ci = cin if block == 0 else cout
+                ws += [conv(cout, ci), conv(cout, cout)]
+                specs += [ConvSpec(size, stride=s, padding=1), ConvSpec(size // s, padding=1)]
+                if s != 1 or ci != cout:
+                    ws.append(conv(cout, ci, 1))
+                    specs.append(ConvSpec(size, stride=s))
+                size //= s
+        ws.append(torch.randn(10, 512, generator=g) / 512 ** 0.5)
+        specs.append(None)
+        n_iters, warm = 5, False
+    elif name == "mlp":
+        width = 256 if scale == "cpu" else 512
+        layers = 64 if scale == "cpu" else 100
+        ws = [torch.randn(width, width, generator=g) / width ** 0.5 for _ in range(layers)]
+        specs = [None] * layers
+        n_iters, warm = 1, True
+    else:
+        raise ValueError(f"unknown workload {name!r}")
+    return [w.to(device) for w in ws], specs, n_iters, warm
+
+
+def flops(ws, specs, n_iters, mode):
+    """Multiply-adds x 2 of the iteration: (2 n_iters + 1) operator applications forward,
+    one weight-gradient pass backward."""
+    total_f = total_b = 0
+    for w, s in zip(ws, specs):
+        if s is None:
+            per = 2 * w.numel()
+        else:
+            g = lipkern.spec.resolve_geometry(tuple(w.shape), s, "w")
+            per = 2 * g.w_numel * g.oh * g.ow  # C's output pixels, either direction
+        total_f += (2 * n_iters + 1) * per
+        total_b += per
+    return {"forward": total_f, "backward": total_b, "both": total_f + total_b}[mode]
+
+
+# ---------------------------------------------------------------- providers
+def _op(w, s):
+    """(A, A^T) as plain torch functions of a batched input (the user's own code)."""
+    if s is None:
+        return (lambda x: x @ w.t()), (lambda y: y @ w)
+    if s.transposed:
+        raise NotImplementedError
+    pad = s.padding
+    return (lambda x: F.conv2d(x, w, stride=s.stride, padding=pad, dilation=s.dilation,
+                               groups=s.groups),
+            lambda y, size: F.conv_transpose2d(
+                y, w, stride=s.stride, padding=pad, dilation=s.dilation, groups=s.groups,
+                output_padding=tuple(
+                    sz + 2 * p - d * (k - 1) - 1 - (o - 1) * st for sz, p, d, k, o, st in zip(
+                        size, pad, s.dilation, w.shape[2:], y.shape[2:], s.stride))))
+
+
+def naive(ws, specs, x0s, n_iters):
+    """Per layer: n_iters x (A, A^T, normalize), then ||A x||; autograd through it all."""
+    sig = []
+    for w, s, x in zip(ws, specs, x0s):
+        if s is None:
+            for _ in range(n_iters):
+                x = (x @ w.t()) @ w
+                x = x / x.norm()
+            sig.append((x @ w.t()).norm())
+        else:
+            fwd, adj = _op(w, s)
+            for _ in range(n_iters):
+                x = adj(fwd(x), x.shape[2:])
+                x = x / x.norm()
+            sig.append(fwd(x).norm())
+    sig = torch.stack(sig)
+    return sig, sig.prod()
+
+
+def grouped(ws, specs, x0s, n_iters):
+    """Layers of equal shape and spec concatenated into one grouped conv / batched matmul."""
+    buckets = {}
+    for i, (w, s) in enumerate(zip(ws, specs)):
+        buckets.setdefault((tuple(w.shape), s), []).append(i)
+    sig = [None] * len(ws)
+    for (shape, s), idx in buckets.items():
+        G = len(idx)
+        if s is None:
+            W = torch.stack([ws[i] for i in idx])            # (G, m, n)
+            x = torch.stack([x0s[i] for i in idx]).unsqueeze(-1)
+            for _ in range(n_iters):
+                x = W.transpose(1, 2) @ (W @ x)
+                x = x / x.norm(dim=(1, 2), keepdim=True)
+            out = (W @ x).norm(dim=(1, 2))
+        else:
+            K = torch.cat([ws[i] for i in idx])                 # (G*cout, cin/g, kh, kw)
+            sg = ConvSpec(s.input_size, s.stride, s.padding, s.dilation, s.groups * G)
+            fwd, adj = _op(K, sg)
+            x = torch.cat([x0s[i] for i in idx], dim=1)         # (1, G*cin, h, w)
+            for _ in range(n_iters):
+                x = adj(fwd(x), x.shape[2:])
+                x = x / x.reshape(G, -1).norm(dim=1).repeat_interleave(
+                    x.shape[1] // G).view(1, -1, 1, 1)
+            out = fwd(x).reshape(G, -1).norm(dim=1)
+        for j, i in enumerate(idx):
+            sig[i] = out[j]
+    sig = torch.stack(sig)
+    return sig, sig.prod()
+
+
+def make_torch_sn(ws, n_iters):
+    """torch.nn.utils.parametrizations.spectral_norm on every layer (matrix mode: for convs
+    it normalizes the reshaped kernel, a different and smaller sigma)."""
+    mods = []
+    for w in ws:
+        m = torch.nn.Linear(1, 1, bias=False) if w.dim() == 2 else \
+            torch.nn.Conv2d(1, 1, 1, bias=False)
+        m.weight = torch.nn.Parameter(w.detach().clone())
+        mods.append(torch.nn.utils.parametrizations.spectral_norm(
+            m, n_power_iterations=n_iters).to(w.device))
+
+    def run():
+        return [m.weight for m in mods]
+    return run, [m.parametrizations.weight.original for m in mods]
+
+
+# ---------------------------------------------------------------- timing
+def _sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def timeit(fn, device, reps, warmup):
+    for _ in range(warmup):
+        fn()
+    _sync(device)
+    times = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        fn()
+        _sync(device)
+        times.append(time.perf_counter() - t0)
+    times.sort()
+    q = lambda f: times[min(len(times) - 1, int(f * len(times)))]  # noqa: E731
+    return statistics.median(times), q(0.2), q(0.8)
+
+
+def peak_gflops(device, dtype=torch.float32):
+    n = 2048 if device.type == "cuda" else 512
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    med, _, _ = timeit(lambda: a @ a, device, 10, 3)
+    return 2 * n ** 3 / med / 1e9
+
+
+def versions():
+    v = {"torch": torch.__version__, "python": platform.python_version(),
+         "lipkern": lipkern.__version__}
+    try:
+        import triton
+        v["triton"] = triton.__version__
+    except ImportError:
+        pass
+    return v
+
+
+def device_name(device):
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--workload", default="toy", choices=["toy", "resnet18", "mlp"])
+    p.add_argument("--mode", default="both", choices=["forward", "backward", "both"])
+    p.add_argument("--device", default="auto")
+    p.add_argument("--scale", default="auto", choices=["auto", "cpu", "full"],
+                   help="cpu: the shrunk CPU sizes; auto: cpu on CPU, full on GPU")
+    p.add_argument("--reps", type=int, default=5)
+    p.add_argument("--warmup", type=int, default=1)
+    p.add_argument("--providers", default="auto",
+                   help="comma list of naive,grouped,torch_sn,grouped_compile,lipkern,"
+                        "lipkern_torch,lipkern_triton (auto: what runs on this device)")
+    p.add_argument("--quick", action="store_true", help="smoke test: 1 rep, no warmup")
+    p.add_argument("--out", default=os.path.join(RESULTS, "power_iter.jsonl"))
+    p.add_argument("--no-save", action="store_true")
+    a = p.parse_args(argv)
+    if a.quick:
+        a.reps, a.warmup = 1, 0
+
+    device = torch.device("cuda" if a.device == "auto" and torch.cuda.is_available()
+                          else ("cpu" if a.device == "auto" else a.device))
+    scale = a.scale if a.scale != "auto" else ("full" if device.type == "cuda" else "cpu")
+    ws, specs, n_iters, warm = workload(a.workload, device, scale)
+    vers = versions()
+    print(f"# lipkern bench: {a.workload} ({scale} scale), {len(ws)} layers, {n_iters} iters"
+          f"{' (warm start)' if warm else ''}, mode={a.mode}")
+    print(f"# device: {device_name(device)}; " + ", ".join(f"{k} {v}" for k, v in vers.items()))
+
+    lay = lipkern.layout.layout_for(tuple(tuple(w.shape) for w in ws), tuple(specs))
+    x0 = lipkern.layout.initial_x(lay, device, torch.float32, torch.Generator().manual_seed(1))
+    x0s = []
+    for i, (w, s) in enumerate(zip(ws, specs)):
+        x = x0[lay.x_slice(i)]
+        x = x / x.norm()
+        x0s.append(x if s is None else x.view(1, -1, *s.input_size))
+    state = lipkern.PowerIterState(x0, torch.zeros(lay.total_y, device=device), lay.meta)
+    if warm:  # residual-flow style: vectors carried over from the previous step
+        state = lipkern.fused_power_iter(ws, specs, state=state, n_iters=10).state
+        x0s = [state.x[lay.x_slice(i)] for i in range(len(ws))]
+
+    if a.providers == "auto":
+        names = ["naive", "grouped", "torch_sn", "lipkern"]
+        if device.type == "cuda":
+            names += ["grouped_compile", "lipkern_torch"]
+    else:
+        names = a.providers.split(",")
+
+    leaves = [w.detach().clone().requires_grad_() for w in ws]
+
+    def provider(name):
+        if name == "naive":
+            return lambda: naive(leaves, specs, x0s, n_iters), leaves
+        if name == "grouped":
+            return lambda: grouped(leaves, specs, x0s, n_iters), leaves
+        if name == "grouped_compile":
+            f = torch.compile(grouped)
+            return lambda: f(leaves, specs, x0s, n_iters), leaves
+        if name == "torch_sn":
+            return make_torch_sn(ws, n_iters)
+        if name.startswith("lipkern"):
+            be = {"lipkern": "auto", "lipkern_torch": "torch", "lipkern_triton": "triton"}[name]
+
+            def run():
+                r = lipkern.fused_power_iter(leaves, specs, state=state, n_iters=n_iters,
+                                             backend=be, check_finite=False)
+                return r.sigmas, r.lipschitz
+            return run, leaves
+        raise ValueError(f"unknown provider {name!r}")
+
+    peak = peak_gflops(device)
+    fl = flops(ws, specs, n_iters, a.mode)
+    rows, sig_ref = [], None
+    for name in names:
+        fn, params = provider(name)
+
+        def step():
+            out = fn()
+            if a.mode == "forward":
+                return out
+            loss = out[1] if isinstance(out, tuple) else sum(w.sum() for w in out)
+            return torch.autograd.grad(loss, params, allow_unused=True)
+
+        try:
+            med, p20, p80 = timeit(step, device, a.reps, a.warmup)
+            if a.mode == "backward":  # reported as (forward + backward) - forward
+                fmed, _, _ = timeit(fn, device, a.reps, a.warmup)
+                med, p20, p80 = med - fmed, p20 - fmed, p80 - fmed
+        except Exception as e:  # a provider that cannot run here is reported, not fatal
+            print(f"# {name}: skipped ({type(e).__name__}: {e})")
+            continue
+        out = fn()
+        sig = out[0].detach() if isinstance(out, tuple) else None
+        if name == "naive":
+            sig_ref = sig
+        rows.append(dict(provider=name, median_ms=med * 1e3, p20_ms=p20 * 1e3,
+                         p80_ms=p80 * 1e3, gflops=fl / med / 1e9 if med > 0 else float("nan"),
+                         sigmas=None if sig is None else sig.cpu().tolist()))
+
+    base = next((r["median_ms"] for r in rows if r["provider"] == "naive"), None)
+    floor_ms = fl / (peak * 1e9) * 1e3
+    print(f"# FLOPs {fl / 1e9:.2f} G; measured matmul peak {peak:.0f} GFLOP/s -> "
+          f"compute floor {floor_ms:.3f} ms")
+    print("| provider | median ms | p20 ms | p80 ms | speedup vs naive | GFLOP/s | x floor |")
+    print("|---|---:|---:|---:|---:|---:|---:|")
+    for r in rows:
+        sp = base / r["median_ms"] if base else float("nan")
+        print(f"| {r['provider']} | {r['median_ms']:.3f} | {r['p20_ms']:.3f} | "
+              f"{r['p80_ms']:.3f} | {sp:.2f} | {r['gflops']:.1f} | "
+              f"{r['median_ms'] / floor_ms:.1f} |")
+
+    lk = next((r for r in rows if r["provider"].startswith("lipkern") and r["sigmas"]), None)
+    if lk is not None:
+        sig = torch.tensor(lk["sigmas"])
+        print(f"\n# lipkern ({lk['provider']}): per-layer sigma estimates after {n_iters} "
+              f"iterations (conv layers: the true operator norm at their input size)")
+        print("  " + " ".join(f"{s:.4f}" for s in sig.tolist()))
+        print(f"# network Lipschitz upper bound (product): {float(sig.prod()):.6g}  "
+              f"(log {float(sig.log().sum()):.4f})")
+        if sig_ref is not None:
+            print(f"# max relative difference from the naive loop's sigmas: "
+                  f"{float(((sig - sig_ref.cpu()) / sig_ref.cpu()).abs().max()):.2e}")
+
+    if not a.no_save:
+        os.makedirs(os.path.dirname(a.out), exist_ok=True)
+        stamp = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+        with open(a.out, "a") as f:
+            for r in rows:
+                r = dict(r, sigmas=None)
+                f.write(json.dumps(dict(date=stamp, device=device_name(device), **vers,
+                                        workload=a.workload, scale=scale, mode=a.mode,
+                                        n_layers=len(ws), n_iters=n_iters, gflop=fl / 1e9,
+                                        peak_gflops=peak, floor_ms=floor_ms, **r)) + "\n")
+        print(f"# rows appended to {os.path.relpath(a.out)}")
+    return rows
+
+
+if __name__ == "__main__":
+    sys.exit(0 if main() else 1)

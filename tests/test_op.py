@@ -1,0 +1,108 @@
+"""The registered ops: opcheck, gradcheck through the op, torch.compile, launch counts."""
+import pytest
+import torch
+
+import lipkern
+from lipkern.layout import initial_x, layout_for
+from lipkern.ops.power_iter import power_iter_backward_op, power_iter_op
+
+from conftest import DEVICES
+from layers import MIXED, leaf, make_weights
+
+
+def _op_args(entries, dtype, device, backend, n_iters=2, tol=-1.0):
+    ws, specs = make_weights(entries, dtype, device, seed=3)
+    lay = layout_for(tuple(tuple(w.shape) for w in ws), tuple(specs))
+    cd = torch.float64 if dtype == torch.float64 else torch.float32
+    x0 = initial_x(lay, torch.device(device), cd, torch.Generator().manual_seed(0))
+    return [w.requires_grad_() for w in ws], x0, list(lay.meta), n_iters, 1e-12, tol, backend
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("backend,dtype", [("torch", torch.float32), ("torch", torch.float64),
+                                           ("triton", torch.float32)])
+def test_opcheck(backend, dtype, device):
+    why = lipkern.backends._why_not(backend, torch.device(device), dtype)
+    if why:
+        pytest.skip(why)
+    args = _op_args(MIXED[3:9], dtype, device, backend)
+    torch.library.opcheck(power_iter_op, args)
+    ws, x0, meta, *_ = args
+    sig, _, _, x, u = power_iter_op(*args)
+    bargs = (x.detach(), u.detach(), sig.detach(), torch.ones_like(sig.detach()),
+             torch.ones((), dtype=sig.dtype, device=device), None, meta, backend, dtype)
+    torch.library.opcheck(power_iter_backward_op, bargs)
+
+
+def test_gradcheck_through_the_op_fp64():
+    entries = [((4, 3), None), ((2, 2, 2, 2), lipkern.ConvSpec(3, padding=1)),
+               ((2, 3, 2, 2), lipkern.ConvSpec(2, stride=2, transposed=True)),
+               ((3, 1, 2), lipkern.ConvSpec(4, groups=3, padding_mode="circular", padding=1))]
+    ws, specs = make_weights(entries, torch.float64, seed=8)
+
+    def f(*ws):
+        r = lipkern.fused_power_iter(list(ws), specs, n_iters=300, backend="torch",
+                                     generator=torch.Generator().manual_seed(0))
+        return r.sigmas, r.lipschitz, r.log_lipschitz
+
+    assert torch.autograd.gradcheck(f, [w.requires_grad_() for w in ws], atol=1e-6, rtol=1e-4)
+
+
+def test_torch_compile_fullgraph_forward_and_backward():
+    ws, specs = make_weights(MIXED[:9], torch.float32, seed=4)
+    state = lipkern.fused_power_iter(ws, specs, n_iters=2, backend="torch",
+                                     generator=torch.Generator().manual_seed(0)).state
+
+    def step(ws, state):
+        r = lipkern.fused_power_iter(ws, specs, state=state, n_iters=1, backend="torch")
+        return r.sigmas, r.log_lipschitz
+
+    eager_ws, comp_ws = leaf(ws), leaf(ws)
+    s_e, l_e = step(eager_ws, state)
+    (s_e.sum() + l_e).backward()
+    compiled = torch.compile(step, fullgraph=True, backend="aot_eager")
+    s_c, l_c = compiled(comp_ws, state)
+    (s_c.sum() + l_c).backward()
+    torch.testing.assert_close(s_c, s_e)
+    torch.testing.assert_close(l_c, l_e)
+    for a, b in zip(comp_ws, eager_ws):
+        torch.testing.assert_close(a.grad, b.grad)
+
+
+@pytest.mark.gpu
+def test_one_launch_forward_and_one_backward_on_gpu():
+    ws, specs = make_weights(MIXED, torch.float32, "cuda", seed=5)
+    ws = leaf(ws)
+    r = lipkern.fused_power_iter(ws, specs, backend="triton", check_finite=False)  # warm up
+    r.lipschitz.backward()
+    torch.cuda.synchronize()
+    from torch.profiler import ProfilerActivity, profile
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        r = lipkern.fused_power_iter(ws, specs, state=r.state, backend="triton",
+                                     check_finite=False)
+        torch.cuda.synchronize()
+    fwd = [e.name for e in prof.events() if e.device_type.name == "CUDA"
+           and "Memcpy" not in e.name]
+    assert fwd == ["power_iter_fwd_kernel"], fwd
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        r.lipschitz.backward()
+        torch.cuda.synchronize()
+    bwd = [e.name for e in prof.events() if e.device_type.name == "CUDA"
+           and "Memcpy" not in e.name]
+    assert bwd.count("power_iter_bwd_kernel") == 1 and len(bwd) <= 2, bwd
+
+
+@pytest.mark.gpu
+def test_torch_compile_triton_backend_on_gpu():
+    ws, specs = make_weights(MIXED, torch.float32, "cuda", seed=6)
+    state = lipkern.fused_power_iter(ws, specs, backend="triton").state
+
+    def step(ws, state):
+        r = lipkern.fused_power_iter(ws, specs, state=state, n_iters=1, backend="triton")
+        return r.log_lipschitz
+
+    a, b = leaf(ws), leaf(ws)
+    step(a, state).backward()
+    torch.compile(step, fullgraph=True)(b, state).backward()
+    for x, y in zip(a, b):
+        torch.testing.assert_close(x.grad, y.grad)
