@@ -112,3 +112,23 @@ def test_triton_refuses_float64(monkeypatch):
 def test_exact_sigma_bad_input():
     with pytest.raises(ValueError, match="w must be a 2-D, 3-D or 4-D tensor"):
         lipkern.reference.exact_sigma(torch.randn(3))
+
+
+def test_import_and_torch_backend_work_without_triton():
+    """`import lipkern` needs only torch; asking for triton then says what is missing."""
+    import subprocess
+    import sys
+    code = ("import sys; sys.modules['triton'] = None\n"
+            "import torch, lipkern\n"
+            "r = lipkern.fused_power_iter([torch.randn(4, 3)], backend='auto')\n"
+            "assert r.sigmas.shape == (1,)\n"
+            "lipkern.backends.has_triton.cache_clear()\n"
+            "import importlib.util as u; u.find_spec = lambda name, *a: None\n"
+            "try:\n"
+            "    lipkern.fused_power_iter([torch.randn(4, 3)], backend='triton')\n"
+            "except lipkern.BackendUnavailableError as e:\n"
+            "    assert 'Triton is not installed' in str(e), e\n"
+            "else:\n"
+            "    raise SystemExit('no error')\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr

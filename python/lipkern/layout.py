@@ -8,7 +8,6 @@ live in two packed buffers: ``x`` (sum of the layers' ``x_numel``) and ``u``
 """
 from __future__ import annotations
 
-import functools
 from dataclasses import dataclass
 from typing import Optional, Sequence, Tuple
 
@@ -63,23 +62,41 @@ def _build(geoms: Tuple[LayerGeom, ...]) -> Layout:
                   tuple(meta))
 
 
-@functools.lru_cache(maxsize=256)
+# Plain dict memos rather than functools.lru_cache: torch.compile traces a dict lookup
+# without the "lru_cache-wrapped function" warning, and these keys are few per program.
+_BY_SPECS: dict = {}
+_BY_META: dict = {}
+_MEMO_MAX = 1024
+
+
+def _memo(table: dict, key, make):
+    hit = table.get(key)
+    if hit is None:
+        if len(table) >= _MEMO_MAX:
+            table.clear()
+        hit = table[key] = make()
+    return hit
+
+
 def layout_for(shapes: Tuple[Tuple[int, ...], ...],
                specs: Tuple[Optional[ConvSpec], ...]) -> Layout:
-    """Layout of weights with these shapes and specs (cached: the hot path hits it)."""
-    return _build(tuple(resolve_geometry(s, sp, f"weights[{i}]")
-                        for i, (s, sp) in enumerate(zip(shapes, specs))))
+    """Layout of weights with these shapes and specs (memoized: the hot path hits it)."""
+    return _memo(_BY_SPECS, (shapes, specs), lambda: _build(tuple(
+        resolve_geometry(s, sp, f"weights[{i}]") for i, (s, sp) in enumerate(zip(shapes, specs)))))
 
 
-@functools.lru_cache(maxsize=256)
-def layout_from_meta(meta: Tuple[int, ...]) -> Layout:
-    """Inverse of ``Layout.meta`` (what an op implementation receives)."""
+def _from_meta(meta: Tuple[int, ...]) -> Layout:
     n = len(LayerGeom._fields)
     rows = [meta[i:i + META_WIDTH] for i in range(0, len(meta), META_WIDTH)]
     layout = _build(tuple(LayerGeom(r[0], *r[3:3 + n - 1]) for r in rows))
     if layout.meta != tuple(meta):
         raise ValueError("meta is not a lipkern layer table")
     return layout
+
+
+def layout_from_meta(meta: Tuple[int, ...]) -> Layout:
+    """Inverse of ``Layout.meta`` (what an op implementation receives)."""
+    return _memo(_BY_META, meta, lambda: _from_meta(meta))
 
 
 @dataclass(frozen=True)
