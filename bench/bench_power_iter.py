@@ -253,9 +253,9 @@ def main(argv=None):
         x0s = [state.x[lay.x_slice(i)] for i in range(len(ws))]
 
     if a.providers == "auto":
-        names = ["naive", "grouped", "torch_sn", "lipkern"]
+        names = ["naive", "grouped", "torch_sn", "lipkern", "lipkern_torch"]
         if device.type == "cuda":
-            names += ["grouped_compile", "lipkern_torch"]
+            names += ["grouped_compile"]
     else:
         names = a.providers.split(",")
 
@@ -272,7 +272,8 @@ def main(argv=None):
         if name == "torch_sn":
             return make_torch_sn(ws, n_iters)
         if name.startswith("lipkern"):
-            be = {"lipkern": "auto", "lipkern_torch": "torch", "lipkern_triton": "triton"}[name]
+            be = {"lipkern": "auto", "lipkern_torch": "torch", "lipkern_triton": "triton",
+                  "lipkern_cpp": "cpp", "lipkern_cuda": "cuda"}[name]
 
             def run():
                 r = lipkern.fused_power_iter(leaves, specs, state=state, n_iters=n_iters,
@@ -283,25 +284,54 @@ def main(argv=None):
 
     peak = peak_gflops(device)
     fl = flops(ws, specs, n_iters, a.mode)
-    rows, sig_ref = [], None
-    for name in names:
-        fn, params = provider(name)
 
+    def make_step(fn, params, mode):
         def step():
             out = fn()
-            if a.mode == "forward":
+            if mode == "forward":
                 return out
             loss = out[1] if isinstance(out, tuple) else sum(w.sum() for w in out)
             return torch.autograd.grad(loss, params, allow_unused=True)
+        return step
 
+    # Providers are timed round-robin, one rep of each in turn, so that drift in the
+    # machine's speed (large on shared CPUs) lands on all of them alike.
+    steps = {}
+    for name in names:
         try:
-            med, p20, p80 = timeit(step, device, a.reps, a.warmup)
-            if a.mode == "backward":  # reported as (forward + backward) - forward
-                fmed, _, _ = timeit(fn, device, a.reps, a.warmup)
-                med, p20, p80 = med - fmed, p20 - fmed, p80 - fmed
+            fn, params = provider(name)
+            steps[name] = (fn, make_step(fn, params, "forward" if a.mode == "forward" else "both"))
+            for _ in range(max(1, a.warmup)):
+                steps[name][1]()
+            _sync(device)
         except Exception as e:  # a provider that cannot run here is reported, not fatal
             print(f"# {name}: skipped ({type(e).__name__}: {e})")
-            continue
+            steps.pop(name, None)
+    times = {name: [] for name in steps}
+    fwd_times = {name: [] for name in steps}
+    for _ in range(a.reps):
+        for name, (fn, step) in steps.items():
+            t0 = time.perf_counter()
+            step()
+            _sync(device)
+            times[name].append(time.perf_counter() - t0)
+            if a.mode == "backward":  # reported as (forward + backward) - forward
+                t0 = time.perf_counter()
+                fn()
+                _sync(device)
+                fwd_times[name].append(time.perf_counter() - t0)
+
+    def stats(ts):
+        ts = sorted(ts)
+        q = lambda f: ts[min(len(ts) - 1, int(f * len(ts)))]  # noqa: E731
+        return statistics.median(ts), q(0.2), q(0.8)
+
+    rows, sig_ref = [], None
+    for name, (fn, _) in steps.items():
+        med, p20, p80 = stats(times[name])
+        if a.mode == "backward":
+            fmed = statistics.median(fwd_times[name])
+            med, p20, p80 = med - fmed, p20 - fmed, p80 - fmed
         out = fn()
         sig = out[0].detach() if isinstance(out, tuple) else None
         if name == "naive":

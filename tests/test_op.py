@@ -6,6 +6,8 @@ import lipkern
 from lipkern.layout import initial_x, layout_for
 from lipkern.ops.power_iter import power_iter_backward_op, power_iter_op
 
+HAS_EXT = lipkern.backends.load_ext() is not None
+
 from conftest import DEVICES
 from layers import MIXED, leaf, make_weights
 
@@ -34,27 +36,58 @@ def test_opcheck(backend, dtype, device):
     torch.library.opcheck(power_iter_backward_op, bargs)
 
 
-def test_gradcheck_through_the_op_fp64():
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_opcheck_compiled_op(dtype):
+    if not HAS_EXT:
+        pytest.skip("lipkern._C not built")
+    ws, x0, meta, n_iters, eps, tol, _ = _op_args(MIXED[3:9], dtype, "cpu", "cpp")
+    args = (ws, x0, meta, n_iters, eps, tol)
+    torch.library.opcheck(torch.ops.lipkern.power_iter_ext.default, args)
+    sig, _, _, x, u = torch.ops.lipkern.power_iter_ext(*args)
+    bargs = (x.detach(), u.detach(), sig.detach(), None, torch.ones((), dtype=sig.dtype),
+             torch.ones((), dtype=sig.dtype), meta, dtype)
+    torch.library.opcheck(torch.ops.lipkern.power_iter_ext_backward.default, bargs)
+
+
+def test_extension_is_built():
+    """CI installs with the extension: a silently failed build must not pass as green."""
+    import os
+    if os.environ.get("LIPKERN_BUILD_EXT", "auto") == "0":
+        pytest.skip("LIPKERN_BUILD_EXT=0")
+    assert HAS_EXT, lipkern.backends._ext_missing()
+
+
+@pytest.mark.parametrize("backend", ["torch", "cpp"])
+def test_gradcheck_through_the_op_fp64(backend):
+    if backend == "cpp" and not HAS_EXT:
+        pytest.skip("lipkern._C not built")
+    _gradcheck_through_the_op(backend)
+
+
+def _gradcheck_through_the_op(backend):
     entries = [((4, 3), None), ((2, 2, 2, 2), lipkern.ConvSpec(3, padding=1)),
                ((2, 3, 2, 2), lipkern.ConvSpec(2, stride=2, transposed=True)),
                ((3, 1, 2), lipkern.ConvSpec(4, groups=3, padding_mode="circular", padding=1))]
     ws, specs = make_weights(entries, torch.float64, seed=8)
 
     def f(*ws):
-        r = lipkern.fused_power_iter(list(ws), specs, n_iters=300, backend="torch",
+        r = lipkern.fused_power_iter(list(ws), specs, n_iters=300, backend=backend,
                                      generator=torch.Generator().manual_seed(0))
         return r.sigmas, r.lipschitz, r.log_lipschitz
 
     assert torch.autograd.gradcheck(f, [w.requires_grad_() for w in ws], atol=1e-6, rtol=1e-4)
 
 
-def test_torch_compile_fullgraph_forward_and_backward():
+@pytest.mark.parametrize("backend", ["torch", "cpp"])
+def test_torch_compile_fullgraph_forward_and_backward(backend):
+    if backend == "cpp" and not HAS_EXT:
+        pytest.skip("lipkern._C not built")
     ws, specs = make_weights(MIXED[:9], torch.float32, seed=4)
-    state = lipkern.fused_power_iter(ws, specs, n_iters=2, backend="torch",
+    state = lipkern.fused_power_iter(ws, specs, n_iters=2, backend=backend,
                                      generator=torch.Generator().manual_seed(0)).state
 
     def step(ws, state):
-        r = lipkern.fused_power_iter(ws, specs, state=state, n_iters=1, backend="torch")
+        r = lipkern.fused_power_iter(ws, specs, state=state, n_iters=1, backend=backend)
         return r.sigmas, r.log_lipschitz
 
     eager_ws, comp_ws = leaf(ws), leaf(ws)

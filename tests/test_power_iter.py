@@ -13,7 +13,7 @@ from lipkern import reference as ref
 from conftest import DEVICES
 from layers import MIXED, leaf, make_weights
 
-BACKENDS = ["torch", "triton"]
+BACKENDS = ["torch", "triton", "cpp"]
 FLOOR = 1e-5  # measured: fp32 kernels sit within 3e-6 relative of the fp64 reference here
 
 
@@ -75,8 +75,9 @@ def test_mixed_layers_match_reference(backend, dtype, device):
         _assert_close_rule(f"grad[{i}] {tuple(ws[i].shape)}", g, gw, gr)
 
 
-@pytest.mark.parametrize("backend", ["torch"])
+@pytest.mark.parametrize("backend", ["torch", "cpp"])
 def test_float64_matches_reference(backend):
+    _backend_ok(backend, "cpu", torch.float64)
     ws, specs = make_weights(MIXED, torch.float64, seed=2)
     c = _coefs(len(ws))
     gen = lambda: torch.Generator().manual_seed(5)  # noqa: E731
@@ -167,12 +168,14 @@ def test_zero_iterations_is_the_norm_of_A_x0(backend):
         torch.testing.assert_close(r.sigmas[i], want, rtol=1e-5, atol=0)
 
 
-def test_autocast_iterates_in_float32():
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_autocast_iterates_in_float32(backend):
+    _backend_ok(backend, "cpu", torch.float32)
     ws, specs = make_weights(MIXED[3:8], torch.float32, seed=6)
     gen = lambda: torch.Generator().manual_seed(0)  # noqa: E731
-    plain = lipkern.fused_power_iter(ws, specs, backend="torch", generator=gen())
+    plain = lipkern.fused_power_iter(ws, specs, backend=backend, generator=gen())
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        auto = lipkern.fused_power_iter(ws, specs, backend="torch", generator=gen())
+        auto = lipkern.fused_power_iter(ws, specs, backend=backend, generator=gen())
     assert auto.sigmas.dtype == torch.float32
     torch.testing.assert_close(auto.sigmas, plain.sigmas, rtol=1e-6, atol=0)
 
@@ -193,6 +196,8 @@ def test_defaults_need_only_a_list_of_weights():
     assert (r.sigmas <= exact * (1 + 1e-5)).all() and (r.sigmas > 0.5 * exact).all()
 
 
-def test_auto_picks_torch_on_cpu():
-    assert lipkern.backends.resolve_backend("auto", torch.device("cpu"), torch.float32) == "torch"
+def test_auto_picks_cpp_on_cpu_when_built():
+    want = "cpp" if lipkern.backends.load_ext() is not None else "torch"
+    for dt in (torch.float32, torch.float64, torch.bfloat16):
+        assert lipkern.backends.resolve_backend("auto", torch.device("cpu"), dt) == want
     assert "torch" in lipkern.available_backends("cpu")

@@ -2,7 +2,6 @@
 lipkern`` needs neither Triton nor the compiled extension."""
 from __future__ import annotations
 
-import functools
 import importlib.util
 import os
 
@@ -18,9 +17,38 @@ def triton_interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
-@functools.lru_cache(maxsize=None)
+# Probed once, memoized in module globals (not functools.lru_cache, which torch.compile
+# warns about when it traces through a call).
+_UNSET = object()
+_HAS_TRITON = _UNSET
+_EXT = _UNSET
+_EXT_ERROR = None
+
+
 def has_triton() -> bool:
-    return importlib.util.find_spec("triton") is not None
+    global _HAS_TRITON
+    if _HAS_TRITON is _UNSET:
+        _HAS_TRITON = importlib.util.find_spec("triton") is not None
+    return _HAS_TRITON
+
+
+def load_ext():
+    """The compiled extension lipkern._C (registers lipkern::power_iter_ext), or None; the
+    import error's text is kept for the message of an explicit request."""
+    global _EXT, _EXT_ERROR
+    if _EXT is _UNSET:
+        try:
+            from . import _C  # torch is already imported: _C links against it
+            _EXT = _C
+        except ImportError as e:
+            _EXT, _EXT_ERROR = None, str(e)
+    return _EXT
+
+
+def _ext_missing() -> str:
+    return ("the compiled extension lipkern._C is not built (" + (_EXT_ERROR or "not found")
+            + "); reinstall with torch already installed: pip install --no-build-isolation "
+              "-e . (LIPKERN_BUILD_EXT=1 makes a failed build an error)")
 
 
 def _why_not(backend: str, device: torch.device, dtype: torch.dtype):
@@ -39,8 +67,18 @@ def _why_not(backend: str, device: torch.device, dtype: torch.dtype):
             return "the Triton kernels iterate in float32; float64 weights need 'torch'"
         return None
     if backend in ("cuda", "cpp"):
-        return (f"the compiled extension lipkern._C with the {backend!r} kernels is not part "
-                f"of this build yet; use backend='torch' or 'triton'")
+        ext = load_ext()
+        if ext is None:
+            return _ext_missing()
+        if backend == "cpp" and device.type != "cpu":
+            return f"the C++ kernels run on CPU tensors, these are on {device}"
+        if backend == "cuda":
+            if device.type != "cuda":
+                return f"the CUDA kernels run on CUDA tensors, these are on {device}"
+            if not ext.with_cuda:
+                return ("lipkern._C was built without CUDA (it needs a CUDA build of torch and "
+                        "a CUDA toolkit at install time; LIPKERN_BUILD_CUDA=1 to insist)")
+        return None
     return f"unknown backend {backend!r}"
 
 
@@ -52,10 +90,10 @@ def resolve_backend(backend: str, device: torch.device, dtype: torch.dtype) -> s
         if why is not None:
             raise BackendUnavailableError(f"backend={backend!r} is not available: {why}")
         return backend
-    if device.type == "cuda":
-        for candidate in ("triton", "cuda"):
-            if _why_not(candidate, device, dtype) is None:
-                return candidate
+    candidates = ("triton", "cuda") if device.type == "cuda" else ("cpp",)
+    for candidate in candidates:
+        if _why_not(candidate, device, dtype) is None:
+            return candidate
     return "torch"
 
 

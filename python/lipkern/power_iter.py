@@ -7,7 +7,7 @@ import torch
 
 from .backends import resolve_backend
 from .layout import PowerIterState, initial_x
-from .ops.power_iter import power_iter_op
+from .ops.power_iter import call_op
 from .result import PowerIterResult
 from .spec import ConvSpec
 from .validate import compute_dtype, validate_call
@@ -55,7 +55,7 @@ def fused_power_iter(weights: Sequence[torch.Tensor],
     chosen = resolve_backend(backend, device, dtype)
     cdtype = compute_dtype(dtype)
     x0 = state.x if state is not None else initial_x(layout, device, cdtype, generator)
-    sigmas, lip, log_lip, x, u = power_iter_op(
-        list(weights), x0, list(layout.meta), n_iters, float(eps),
-        -1.0 if tol is None else float(tol), chosen)
+    sigmas, lip, log_lip, x, u = call_op(
+        chosen, list(weights), x0, list(layout.meta), n_iters, float(eps),
+        -1.0 if tol is None else float(tol))
     return PowerIterResult(sigmas, lip, log_lip, PowerIterState(x, u, layout.meta))

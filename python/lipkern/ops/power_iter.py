@@ -22,6 +22,7 @@ import torch
 from torch import Tensor
 
 from .. import reference
+from ..backends import load_ext
 from ..layout import Layout, layout_from_meta
 
 
@@ -96,11 +97,15 @@ def power_iter_op(weights: List[Tensor], x0: Tensor, meta: List[int], n_iters: i
     return _forward_impl(backend, weights, x0, layout, n_iters, eps, tol)
 
 
-@power_iter_op.register_fake
-def _(weights, x0, meta, n_iters, eps, tol, backend):
+def _fake_forward(x0, meta):
     layout = layout_from_meta(tuple(meta))
     return (x0.new_empty(layout.num_layers), x0.new_empty(()), x0.new_empty(()),
             x0.new_empty(layout.total_x), x0.new_empty(layout.total_y))
+
+
+@power_iter_op.register_fake
+def _(weights, x0, meta, n_iters, eps, tol, backend):
+    return _fake_forward(x0, meta)
 
 
 @torch.library.custom_op("lipkern::power_iter_backward", mutates_args=())
@@ -120,10 +125,12 @@ def _(x, u, sigmas, grad_sigmas, grad_lipschitz, grad_log_lipschitz, meta, backe
 
 # ---------------------------------------------------------------- autograd
 def _setup_context(ctx, inputs, output):
-    weights, _, meta, _, _, _, backend = inputs
+    weights, meta = inputs[0], inputs[2]
     sigmas, _, _, x, u = output
     ctx.save_for_backward(x, u, sigmas)
-    ctx.meta, ctx.backend = meta, backend
+    ctx.meta = meta
+    ctx.backend = inputs[6] if len(inputs) > 6 else None  # None: the compiled op
+    ctx.n_inputs = len(inputs)
     ctx.weight_shapes = [w.shape for w in weights]
     ctx.weight_dtype = weights[0].dtype
     ctx.mark_non_differentiable(x, u)
@@ -131,12 +138,43 @@ def _setup_context(ctx, inputs, output):
 
 def _backward(ctx, grad_sigmas, grad_lip, grad_log, _gx, _gu):
     x, u, sigmas = ctx.saved_tensors
-    packed = power_iter_backward_op(x, u, sigmas, grad_sigmas, grad_lip, grad_log, ctx.meta,
-                                    ctx.backend, ctx.weight_dtype)
+    if ctx.backend is None:
+        packed = torch.ops.lipkern.power_iter_ext_backward(
+            x, u, sigmas, grad_sigmas, grad_lip, grad_log, ctx.meta, ctx.weight_dtype)
+    else:
+        packed = power_iter_backward_op(x, u, sigmas, grad_sigmas, grad_lip, grad_log,
+                                        ctx.meta, ctx.backend, ctx.weight_dtype)
     layout = layout_from_meta(tuple(ctx.meta))
     grads = [packed[layout.w_slice(i)].view(shape)
              for i, shape in enumerate(ctx.weight_shapes)]
-    return grads, None, None, None, None, None, None
+    return (grads,) + (None,) * (ctx.n_inputs - 1)
 
 
 power_iter_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+# ---------------------------------------------------------------- the compiled op
+# lipkern::power_iter_ext (schema in csrc/ops.cpp; CPU kernels in csrc/cpu, CUDA in
+# csrc/cuda): the same contract as power_iter_op without the backend argument (the
+# dispatcher picks CPU or CUDA by device). Fake kernels and autograd are registered here.
+def _ext_fake(weights, x0, meta, n_iters, eps, tol):
+    return _fake_forward(x0, meta)
+
+
+def _ext_backward_fake(x, u, sigmas, grad_sigmas, grad_lipschitz, grad_log_lipschitz, meta,
+                       weight_dtype):
+    return x.new_empty(layout_from_meta(tuple(meta)).total_w, dtype=weight_dtype)
+
+
+if load_ext() is not None:
+    torch.library.register_fake("lipkern::power_iter_ext")(_ext_fake)
+    torch.library.register_fake("lipkern::power_iter_ext_backward")(_ext_backward_fake)
+    torch.library.register_autograd("lipkern::power_iter_ext", _backward,
+                                    setup_context=_setup_context)
+
+
+def call_op(backend: str, weights, x0, meta, n_iters: int, eps: float, tol: float):
+    """The one registered op of a call on this backend."""
+    if backend in ("cpp", "cuda"):
+        return torch.ops.lipkern.power_iter_ext(weights, x0, meta, n_iters, eps, tol)
+    return power_iter_op(weights, x0, meta, n_iters, eps, tol, backend)
