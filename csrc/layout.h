@@ -6,6 +6,12 @@
 #include <string>
 #include <vector>
 
+#ifdef __CUDACC__
+#define LIPKERN_HD __host__ __device__
+#else
+#define LIPKERN_HD
+#endif
+
 namespace lipkern {
 
 constexpr int64_t kMetaWidth = 20;
@@ -17,16 +23,16 @@ struct Geom {
   int64_t kind, x_off, y_off, cin, h, w, cout, oh, ow, kh, kw, sh, sw, ph, pw, dh, dw, groups,
       circular, w_off;
 
-  int64_t in_numel() const { return cin * h * w; }
-  int64_t out_numel() const { return cout * oh * ow; }
-  int64_t x_numel() const { return kind == kConvT ? out_numel() : in_numel(); }
-  int64_t y_numel() const { return kind == kConvT ? in_numel() : out_numel(); }
-  int64_t cig() const { return cin / groups; }
-  int64_t cog() const { return cout / groups; }
-  int64_t red() const { return cig() * kh * kw; }  // a weight row: (cin/groups) * kh * kw
-  int64_t w_numel() const { return cout * red(); }
+  LIPKERN_HD int64_t in_numel() const { return cin * h * w; }
+  LIPKERN_HD int64_t out_numel() const { return cout * oh * ow; }
+  LIPKERN_HD int64_t x_numel() const { return kind == kConvT ? out_numel() : in_numel(); }
+  LIPKERN_HD int64_t y_numel() const { return kind == kConvT ? in_numel() : out_numel(); }
+  LIPKERN_HD int64_t cig() const { return cin / groups; }
+  LIPKERN_HD int64_t cog() const { return cout / groups; }
+  LIPKERN_HD int64_t red() const { return cig() * kh * kw; }  // a weight row: (cin/groups) * kh * kw
+  LIPKERN_HD int64_t w_numel() const { return cout * red(); }
   // 2 * multiply-adds of one application of C (or C^T)
-  double flops() const { return 2.0 * double(w_numel()) * double(oh * ow); }
+  LIPKERN_HD double flops() const { return 2.0 * double(w_numel()) * double(oh * ow); }
 };
 
 inline std::vector<Geom> parse_meta(const int64_t* meta, int64_t n) {

@@ -13,7 +13,7 @@ from lipkern import reference as ref
 from conftest import DEVICES
 from layers import MIXED, leaf, make_weights
 
-BACKENDS = ["torch", "triton", "cpp"]
+BACKENDS = ["torch", "triton", "cpp", "cuda"]
 FLOOR = 1e-5  # measured: fp32 kernels sit within 3e-6 relative of the fp64 reference here
 
 

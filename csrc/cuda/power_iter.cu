@@ -1,0 +1,297 @@
+// CUDA kernels of the fused power iteration. Needs only the CUDA toolkit (no torch headers):
+// CI compiles this file with `nvcc -arch=sm_90 -c`; power_iter_binding.cpp (compiled only
+// when torch has CUDA) calls the launchers at the bottom on torch's current stream.
+//
+// v1 design (correct first; not yet run on a GPU in this repository's history):
+//   forward:  one launch, grid = L layers, one block per layer running that layer's whole
+//             iteration; phases (A x, A^T y, normalize) separated by __syncthreads. Each
+//             thread computes whole output elements (direct conv; the adjoint is a gather,
+//             so no atomics). The last block to finish (atomic ticket after a fence) writes
+//             the product and the log-sum, then resets the ticket for the next launch.
+//   backward: one launch, grid = (weight chunks, L); each thread one weight-gradient entry
+//             g_l * sum_p out[co, p] * in[gathered(r, p)], with g_l from the three upstream
+//             gradients (product of the other sigmas by a loop: no division).
+// The persistent multi-block version (several blocks per layer, grid sync between phases,
+// tensor cores) is the GPU tuning work of bench/NOTES.md.
+#include <cuda_runtime.h>
+
+#include <cmath>
+#include <cstdint>
+
+#include "../layout.h"
+
+namespace lipkern {
+namespace cuda {
+namespace {
+
+constexpr int kThreads = 256;
+
+template <typename T>
+__device__ T block_sum(T v) {
+  __shared__ T warp_part[kThreads / 32];
+  for (int o = 16; o > 0; o >>= 1) v += __shfl_down_sync(0xffffffffu, v, o);
+  const int lane = threadIdx.x & 31, wid = threadIdx.x >> 5;
+  __syncthreads();  // warp_part may still be read by a previous call
+  if (lane == 0) warp_part[wid] = v;
+  __syncthreads();
+  T total = 0;
+  for (int i = 0; i < kThreads / 32; ++i) total += warp_part[i];
+  return total;  // every thread gets the sum
+}
+
+__device__ inline int64_t wrap(int64_t i, int64_t n) { return ((i % n) + n) % n; }
+
+// dst (cout*oh*ow) = C src (cin*h*w); returns ||dst||^2 (to every thread).
+template <typename T>
+__device__ T conv_c(const Geom& g, const T* __restrict__ w, const T* __restrict__ src,
+                    T* __restrict__ dst) {
+  const int64_t P = g.oh * g.ow, cig = g.cig(), cog = g.cog(), R = g.red();
+  T ss = 0;
+  for (int64_t i = threadIdx.x; i < g.out_numel(); i += blockDim.x) {
+    const int64_t co = i / P, p = i % P, oh = p / g.ow, ow = p % g.ow, grp = co / cog;
+    const T* wr = w + co * R;
+    T acc = 0;
+    for (int64_t ci = 0; ci < cig; ++ci) {
+      const T* plane = src + (grp * cig + ci) * g.h * g.w;
+      for (int64_t kh = 0; kh < g.kh; ++kh) {
+        int64_t ih = oh * g.sh - g.ph + kh * g.dh;
+        if (g.circular) ih = wrap(ih, g.h);
+        else if (ih < 0 || ih >= g.h) continue;
+        for (int64_t kw = 0; kw < g.kw; ++kw) {
+          int64_t iw = ow * g.sw - g.pw + kw * g.dw;
+          if (g.circular) iw = wrap(iw, g.w);
+          else if (iw < 0 || iw >= g.w) continue;
+          acc += wr[(ci * g.kh + kh) * g.kw + kw] * plane[ih * g.w + iw];
+        }
+      }
+    }
+    dst[i] = acc;
+    ss += acc * acc;
+  }
+  return block_sum(ss);
+}
+
+// dst (cin*h*w) = C^T src (cout*oh*ow): input pixel (ih, iw) gathers the output pixels with
+// oh*sh + kh*dh == ih + ph (+ t*h for circular padding, t in {-1, 0, 1} since ph <= h).
+template <typename T>
+__device__ T conv_ct(const Geom& g, const T* __restrict__ w, const T* __restrict__ src,
+                     T* __restrict__ dst) {
+  const int64_t P = g.oh * g.ow, HW = g.h * g.w, cig = g.cig(), cog = g.cog(), R = g.red();
+  const int64_t wrap_n = g.circular ? 1 : 0;
+  T ss = 0;
+  for (int64_t i = threadIdx.x; i < g.in_numel(); i += blockDim.x) {
+    const int64_t c = i / HW, q = i % HW, ih = q / g.w, iw = q % g.w;
+    const int64_t grp = c / cig, ci = c % cig;
+    T acc = 0;
+    for (int64_t co = grp * cog; co < (grp + 1) * cog; ++co) {
+      const T* wr = w + co * R + ci * g.kh * g.kw;
+      const T* yc = src + co * P;
+      for (int64_t kh = 0; kh < g.kh; ++kh)
+        for (int64_t th = -wrap_n; th <= wrap_n; ++th) {
+          const int64_t nh = ih + g.ph - kh * g.dh + th * g.h;
+          if (nh < 0 || nh % g.sh) continue;
+          const int64_t oh = nh / g.sh;
+          if (oh >= g.oh) continue;
+          for (int64_t kw = 0; kw < g.kw; ++kw)
+            for (int64_t tw = -wrap_n; tw <= wrap_n; ++tw) {
+              const int64_t nw = iw + g.pw - kw * g.dw + tw * g.w;
+              if (nw < 0 || nw % g.sw) continue;
+              const int64_t ow = nw / g.sw;
+              if (ow >= g.ow) continue;
+              acc += wr[kh * g.kw + kw] * yc[oh * g.ow + ow];
+            }
+        }
+    }
+    dst[i] = acc;
+    ss += acc * acc;
+  }
+  return block_sum(ss);
+}
+
+// y = A x; returns ||y||^2
+template <typename T>
+__device__ T apply_a(const Geom& g, const T* w, const T* x, T* y) {
+  return g.kind == kConvT ? conv_ct(g, w, x, y) : conv_c(g, w, x, y);
+}
+
+// xn = A^T y; returns ||xn||^2
+template <typename T>
+__device__ T apply_at(const Geom& g, const T* w, const T* y, T* xn) {
+  return g.kind == kConvT ? conv_c(g, w, y, xn) : conv_ct(g, w, y, xn);
+}
+
+template <typename T>
+__device__ void scale_into(const T* src, T* dst, int64_t n, T s) {
+  for (int64_t i = threadIdx.x; i < n; i += blockDim.x) dst[i] = src[i] * s;
+}
+
+template <typename T>
+__global__ void __launch_bounds__(kThreads)
+    power_iter_fwd(const int64_t* __restrict__ meta, const T* const* __restrict__ weights,
+                   int64_t L, const T* __restrict__ x0, T* __restrict__ x, T* __restrict__ u,
+                   T* __restrict__ xn, T* __restrict__ sig, T* __restrict__ lip,
+                   T* __restrict__ loglip, unsigned int* __restrict__ ticket, int64_t n_iters,
+                   double eps, double tol) {
+  const int64_t l = blockIdx.x;
+  const int64_t* r = meta + l * kMetaWidth;
+  const Geom g{r[0],  r[1],  r[2],  r[3],  r[4],  r[5],  r[6],  r[7],  r[8],  r[9],
+               r[10], r[11], r[12], r[13], r[14], r[15], r[16], r[17], r[18], r[19]};
+  const T* w = weights[l];
+  const int64_t nx = g.x_numel(), ny = g.y_numel();
+  T* xl = x + g.x_off;
+  T* ul = u + g.y_off;
+  T* xnl = xn + g.x_off;
+  const T e = T(eps);
+
+  T s2 = 0;
+  for (int64_t i = threadIdx.x; i < nx; i += blockDim.x) s2 += x0[g.x_off + i] * x0[g.x_off + i];
+  const T n0 = sqrt(block_sum(s2));
+  scale_into(x0 + g.x_off, xl, nx, T(1) / fmax(n0, e));
+  __syncthreads();
+
+  T s_prev = -1, sig2 = 0;
+  bool have_y = false;
+  for (int64_t k = 0; k < n_iters; ++k) {
+    sig2 = apply_a(g, w, xl, ul);  // block_sum synchronizes: y complete below
+    const T sk = sqrt(sig2);
+    if (tol >= 0 && k > 0 && fabs(sk - s_prev) <= T(tol) * sk) {  // same value in all threads
+      have_y = true;
+      break;
+    }
+    s_prev = sk;
+    __syncthreads();
+    const T nn = sqrt(apply_at(g, w, ul, xnl));
+    __syncthreads();
+    scale_into(xnl, xl, nx, T(1) / fmax(nn, e));
+    __syncthreads();
+  }
+  if (!have_y) sig2 = apply_a(g, w, xl, ul);
+  __syncthreads();
+  const T sigma = sqrt(sig2);
+  scale_into(ul, ul, ny, T(1) / fmax(sigma, e));
+  if (threadIdx.x == 0) sig[l] = sigma;
+
+  // the network bound, by the last block to finish
+  __shared__ bool last;
+  __threadfence();
+  __syncthreads();
+  if (threadIdx.x == 0) last = atomicAdd(ticket, 1u) == unsigned(L - 1);
+  __syncthreads();
+  if (last && threadIdx.x == 0) {
+    __threadfence();
+    T p = 1, ls = 0;
+    for (int64_t j = 0; j < L; ++j) {
+      const T s = *(volatile T*)(sig + j);
+      p *= s;
+      ls += s > 0 ? log(s) : -INFINITY;
+    }
+    *lip = p;
+    *loglip = ls;
+    *ticket = 0u;  // ready for the next launch on this stream
+  }
+}
+
+template <typename T>
+__global__ void __launch_bounds__(kThreads)
+    power_iter_bwd(const int64_t* __restrict__ meta, int64_t L, const T* __restrict__ x,
+                   const T* __restrict__ u, const T* __restrict__ sig,
+                   const T* __restrict__ grad_sigmas, const T* __restrict__ grad_lip,
+                   const T* __restrict__ grad_log, T* __restrict__ grad) {
+  const int64_t l = blockIdx.y;
+  const int64_t* r = meta + l * kMetaWidth;
+  const Geom g{r[0],  r[1],  r[2],  r[3],  r[4],  r[5],  r[6],  r[7],  r[8],  r[9],
+               r[10], r[11], r[12], r[13], r[14], r[15], r[16], r[17], r[18], r[19]};
+  const int64_t e = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (e >= g.w_numel()) return;
+  // dLoss/dsigma_l without dividing by any sigma
+  T coef = grad_sigmas ? grad_sigmas[l] : T(0);
+  if (grad_lip && *grad_lip != T(0)) {
+    T p = *grad_lip;
+    for (int64_t j = 0; j < L; ++j)
+      if (j != l) p *= sig[j];
+    coef += p;
+  }
+  if (grad_log && sig[l] > 0) coef += *grad_log / sig[l];
+  // sigma = <u, C x> (conv, dense) or <x, C u> (transposed)
+  const T* in = g.kind == kConvT ? u + g.y_off : x + g.x_off;
+  const T* out = g.kind == kConvT ? x + g.x_off : u + g.y_off;
+  const int64_t R = g.red(), co = e / R, rr = e % R, grp = co / g.cog();
+  const int64_t ci = rr / (g.kh * g.kw), kh = (rr / g.kw) % g.kh, kw = rr % g.kw;
+  const int64_t P = g.oh * g.ow;
+  const T* plane = in + (grp * g.cig() + ci) * g.h * g.w;
+  const T* oc = out + co * P;
+  T acc = 0;
+  for (int64_t oh = 0; oh < g.oh; ++oh) {
+    int64_t ih = oh * g.sh - g.ph + kh * g.dh;
+    if (g.circular) ih = wrap(ih, g.h);
+    else if (ih < 0 || ih >= g.h) continue;
+    for (int64_t ow = 0; ow < g.ow; ++ow) {
+      int64_t iw = ow * g.sw - g.pw + kw * g.dw;
+      if (g.circular) iw = wrap(iw, g.w);
+      else if (iw < 0 || iw >= g.w) continue;
+      acc += oc[oh * g.ow + ow] * plane[ih * g.w + iw];
+    }
+  }
+  grad[g.w_off + e] = coef * acc;
+}
+
+template <typename T>
+cudaError_t forward_impl(const int64_t* meta, const void* const* weights, int64_t L,
+                         const T* x0, T* x, T* u, T* xn, T* sig, T* lip, T* loglip,
+                         unsigned int* ticket, int64_t n_iters, double eps, double tol,
+                         cudaStream_t stream) {
+  if (L <= 0 || L > 0x7fffffff) return cudaErrorInvalidValue;
+  power_iter_fwd<T><<<unsigned(L), kThreads, 0, stream>>>(
+      meta, reinterpret_cast<const T* const*>(weights), L, x0, x, u, xn, sig, lip, loglip,
+      ticket, n_iters, eps, tol);
+  return cudaGetLastError();
+}
+
+template <typename T>
+cudaError_t backward_impl(const int64_t* meta, int64_t L, int64_t max_w_numel, const T* x,
+                          const T* u, const T* sig, const T* gs, const T* gl, const T* glog,
+                          T* grad, cudaStream_t stream) {
+  if (L <= 0 || L > 65535 || max_w_numel <= 0) return cudaErrorInvalidValue;
+  const dim3 grid(unsigned((max_w_numel + kThreads - 1) / kThreads), unsigned(L));
+  power_iter_bwd<T><<<grid, kThreads, 0, stream>>>(meta, L, x, u, sig, gs, gl, glog, grad);
+  return cudaGetLastError();
+}
+
+}  // namespace
+
+// ---------------------------------------------------------------- launchers (C ABI-ish)
+// meta: (L, kMetaWidth) int64 on the device; weights: (L,) device pointers, contiguous, in
+// the compute dtype; every other pointer is device memory of the compute dtype; ticket:
+// one unsigned int, 0 on entry (left 0 on exit).
+cudaError_t launch_forward_f32(const int64_t* meta, const void* const* weights, int64_t L,
+                               const float* x0, float* x, float* u, float* xn, float* sig,
+                               float* lip, float* loglip, unsigned int* ticket,
+                               int64_t n_iters, double eps, double tol, cudaStream_t stream) {
+  return forward_impl<float>(meta, weights, L, x0, x, u, xn, sig, lip, loglip, ticket, n_iters,
+                             eps, tol, stream);
+}
+
+cudaError_t launch_forward_f64(const int64_t* meta, const void* const* weights, int64_t L,
+                               const double* x0, double* x, double* u, double* xn,
+                               double* sig, double* lip, double* loglip, unsigned int* ticket,
+                               int64_t n_iters, double eps, double tol, cudaStream_t stream) {
+  return forward_impl<double>(meta, weights, L, x0, x, u, xn, sig, lip, loglip, ticket,
+                              n_iters, eps, tol, stream);
+}
+
+cudaError_t launch_backward_f32(const int64_t* meta, int64_t L, int64_t max_w_numel,
+                                const float* x, const float* u, const float* sig,
+                                const float* gs, const float* gl, const float* glog,
+                                float* grad, cudaStream_t stream) {
+  return backward_impl<float>(meta, L, max_w_numel, x, u, sig, gs, gl, glog, grad, stream);
+}
+
+cudaError_t launch_backward_f64(const int64_t* meta, int64_t L, int64_t max_w_numel,
+                                const double* x, const double* u, const double* sig,
+                                const double* gs, const double* gl, const double* glog,
+                                double* grad, cudaStream_t stream) {
+  return backward_impl<double>(meta, L, max_w_numel, x, u, sig, gs, gl, glog, grad, stream);
+}
+
+}  // namespace cuda
+}  // namespace lipkern
