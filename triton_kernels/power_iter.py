@@ -33,9 +33,11 @@ import triton
 import triton.language as tl
 
 # ---------------------------------------------------------------- table fields
-# (indices into a META_WIDTH row; must match lipkern.layout.META_FIELDS)
-F_KIND, F_XOFF, F_YOFF, F_CIN, F_H, F_W, F_COUT, F_OH, F_OW, F_KH, F_KW = range(11)
-F_SH, F_SW, F_PH, F_PW, F_DH, F_DW, F_G, F_CIRC, F_WOFF = range(11, 20)
+# (indices into a META_WIDTH row; must match lipkern.layout.META_FIELDS). Globals read by
+# @triton.jit code must be tl.constexpr: the interpreter does not check this, the compiler
+# does (tests/test_build.py compiles the kernels for sm_90 to catch such things without a GPU).
+(F_KIND, F_XOFF, F_YOFF, F_CIN, F_H, F_W, F_COUT, F_OH, F_OW, F_KH, F_KW, F_SH, F_SW, F_PH,
+ F_PW, F_DH, F_DW, F_G, F_CIRC, F_WOFF) = (tl.constexpr(i) for i in range(20))
 
 # Block sizes. tl.dot needs every dim >= 16; 32 keeps masked waste low on the small channel
 # counts of real layers (3, 64, 128) while giving the GPU 1k-element tiles.
@@ -356,70 +358,81 @@ def power_iter_bwd_kernel(
         coef += tl.where(gl != 0, gl * tl.reduce(sl, 0, _mul), 0.0)
     if HAS_GLOG:
         coef += tl.where(sigma > 0, tl.load(glog_ptr) / tl.maximum(sigma, 1e-38), 0.0)
-    gptr = grad_ptr + w_off
-
     if kind == 0:
-        n_tn = tl.cdiv(CIN, BLOCK_N)
-        rows = (tile // n_tn) * BLOCK_M + tl.arange(0, BLOCK_M)
-        cols = (tile % n_tn) * BLOCK_N + tl.arange(0, BLOCK_N)
-        rmask = rows < COUT
-        cmask = cols < CIN
-        uv = tl.load(u_ptr + y_off + rows, mask=rmask, other=0.0)
-        xv = tl.load(x_ptr + x_off + cols, mask=cmask, other=0.0)
-        tl.store(gptr + rows[:, None] * CIN + cols[None, :], (coef * uv)[:, None] * xv[None, :],
-                 mask=rmask[:, None] & cmask[None, :])
-    else:
-        H = tl.load(row + F_H)
-        W = tl.load(row + F_W)
-        OH = tl.load(row + F_OH)
-        OW = tl.load(row + F_OW)
-        KH = tl.load(row + F_KH)
-        KW = tl.load(row + F_KW)
-        SH = tl.load(row + F_SH)
-        SW = tl.load(row + F_SW)
-        PH = tl.load(row + F_PH)
-        PW = tl.load(row + F_PW)
-        DH = tl.load(row + F_DH)
-        DW = tl.load(row + F_DW)
-        G = tl.load(row + F_G)
-        CIRC = tl.load(row + F_CIRC)
-        CIG = CIN // G
-        COG = COUT // G
-        KK = KH * KW
-        R = CIG * KK
-        P = OH * OW
-        n_cb = tl.cdiv(COG, BLOCK_C)
-        n_rb = tl.cdiv(R, BLOCK_R)
-        g = tile // (n_cb * n_rb)
-        co = ((tile // n_rb) % n_cb) * BLOCK_C + tl.arange(0, BLOCK_C)
-        r = (tile % n_rb) * BLOCK_R + tl.arange(0, BLOCK_R)
-        cmask = co < COG
-        rmask = r < R
-        ci = r // KK
-        kh = (r % KK) // KW
-        kw = r % KW
-        # C's input-space vector (gathered) and output-space vector
-        if kind == 1:
-            in_ptr = x_ptr + x_off
-            out_ptr = u_ptr + y_off
-        else:
-            in_ptr = u_ptr + y_off
-            out_ptr = x_ptr + x_off
-        acc = tl.zeros([BLOCK_C, BLOCK_R], tl.float32)
-        for p0 in range(0, P, BLOCK_P):
-            pm = p0 + tl.arange(0, BLOCK_P)
-            pmask = pm < P
-            oh = pm // OW
-            ow = pm % OW
-            ov = tl.load(out_ptr + (g * COG + co)[:, None] * P + pm[None, :],
-                         mask=cmask[:, None] & pmask[None, :], other=0.0)
-            ih = oh[:, None] * SH - PH + kh[None, :] * DH
-            iw = ow[:, None] * SW - PW + kw[None, :] * DW
-            xv = _gather_input(in_ptr, (g * CIG + ci)[None, :], ih, iw, H, W, CIRC,
-                               pmask[:, None] & rmask[None, :])
-            acc += tl.dot(ov, xv, input_precision="ieee")
-        tl.store(gptr + (g * COG + co)[:, None] * R + r[None, :], coef * acc,
-                 mask=cmask[:, None] & rmask[None, :])
+        _dense_grad_tile(u_ptr + y_off, x_ptr + x_off, grad_ptr + w_off, coef, tile, COUT, CIN,
+                         BLOCK_M, BLOCK_N)
+    elif kind == 1:  # sigma = <u, C x>: C's input is x
+        _conv_grad_tile(row, x_ptr + x_off, u_ptr + y_off, grad_ptr + w_off, coef, tile, CIN,
+                        COUT, BLOCK_C, BLOCK_P, BLOCK_R)
+    else:            # sigma = <x, C u>: C's input is u
+        _conv_grad_tile(row, u_ptr + y_off, x_ptr + x_off, grad_ptr + w_off, coef, tile, CIN,
+                        COUT, BLOCK_C, BLOCK_P, BLOCK_R)
+
+
+@triton.jit
+def _dense_grad_tile(u_ptr, x_ptr, gptr, coef, tile, M, N,
+                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """grad[rows, cols] = coef * u[rows] x[cols]^T for tile (row block, col block)."""
+    n_tn = tl.cdiv(N, BLOCK_N)
+    rows = (tile // n_tn) * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = (tile % n_tn) * BLOCK_N + tl.arange(0, BLOCK_N)
+    rmask = rows < M
+    cmask = cols < N
+    uv = tl.load(u_ptr + rows, mask=rmask, other=0.0)
+    xv = tl.load(x_ptr + cols, mask=cmask, other=0.0)
+    tl.store(gptr + rows[:, None] * N + cols[None, :], (coef * uv)[:, None] * xv[None, :],
+             mask=rmask[:, None] & cmask[None, :])
+
+
+@triton.jit
+def _conv_grad_tile(row, in_ptr, out_ptr, gptr, coef, tile, CIN, COUT,
+                    BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_R: tl.constexpr):
+    """grad[co, r] = coef * sum_p out[co, p] * in_gathered[r, p] for tile (group, co block,
+    r block); in is C's input-space vector, out its output-space vector."""
+    H = tl.load(row + F_H)
+    W = tl.load(row + F_W)
+    OH = tl.load(row + F_OH)
+    OW = tl.load(row + F_OW)
+    KH = tl.load(row + F_KH)
+    KW = tl.load(row + F_KW)
+    SH = tl.load(row + F_SH)
+    SW = tl.load(row + F_SW)
+    PH = tl.load(row + F_PH)
+    PW = tl.load(row + F_PW)
+    DH = tl.load(row + F_DH)
+    DW = tl.load(row + F_DW)
+    G = tl.load(row + F_G)
+    CIRC = tl.load(row + F_CIRC)
+    CIG = CIN // G
+    COG = COUT // G
+    KK = KH * KW
+    R = CIG * KK
+    P = OH * OW
+    n_cb = tl.cdiv(COG, BLOCK_C)
+    n_rb = tl.cdiv(R, BLOCK_R)
+    g = tile // (n_cb * n_rb)
+    co = ((tile // n_rb) % n_cb) * BLOCK_C + tl.arange(0, BLOCK_C)
+    r = (tile % n_rb) * BLOCK_R + tl.arange(0, BLOCK_R)
+    cmask = co < COG
+    rmask = r < R
+    ci = r // KK
+    kh = (r % KK) // KW
+    kw = r % KW
+    acc = tl.zeros([BLOCK_C, BLOCK_R], tl.float32)
+    for p0 in range(0, P, BLOCK_P):
+        pm = p0 + tl.arange(0, BLOCK_P)
+        pmask = pm < P
+        oh = pm // OW
+        ow = pm % OW
+        ov = tl.load(out_ptr + (g * COG + co)[:, None] * P + pm[None, :],
+                     mask=cmask[:, None] & pmask[None, :], other=0.0)
+        ih = oh[:, None] * SH - PH + kh[None, :] * DH
+        iw = ow[:, None] * SW - PW + kw[None, :] * DW
+        xv = _gather_input(in_ptr, (g * CIG + ci)[None, :], ih, iw, H, W, CIRC,
+                           pmask[:, None] & rmask[None, :])
+        acc += tl.dot(ov, xv, input_precision="ieee")
+    tl.store(gptr + (g * COG + co)[:, None] * R + r[None, :], coef * acc,
+             mask=cmask[:, None] & rmask[None, :])
 
 
 # ---------------------------------------------------------------- launchers
