@@ -4,6 +4,7 @@
 """
 from . import reference
 from .backends import BackendUnavailableError, available_backends
+from .bound import LipschitzReport, lipschitz_bound
 from .layout import PowerIterState
 from .power_iter import fused_power_iter
 from .result import PowerIterResult
@@ -11,5 +12,5 @@ from .spec import ConvSpec
 
 __version__ = "0.1.0"
 
-__all__ = ["ConvSpec", "fused_power_iter", "PowerIterResult", "PowerIterState", "reference",
+__all__ = ["ConvSpec", "fused_power_iter", "lipschitz_bound", "LipschitzReport", "PowerIterResult", "PowerIterState", "reference",
            "available_backends", "BackendUnavailableError", "__version__"]
