@@ -2,7 +2,7 @@
 
 ``import lipkern`` needs only torch: Triton and the compiled extension load on first use.
 """
-from . import reference
+from . import distributed, reference
 from .backends import BackendUnavailableError, available_backends
 from .bound import LipschitzReport, lipschitz_bound
 from .layout import PowerIterState

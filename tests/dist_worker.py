@@ -1,0 +1,57 @@
+"""Worker for tests/test_distributed.py: `python dist_worker.py SCENARIO WORLD OUTDIR`
+spawns WORLD gloo processes that each save their results to OUTDIR/rank{r}.pt."""
+import os
+import sys
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+import torch.nn as nn
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import lipkern  # noqa: E402
+from dist_cases import CASES, ddp_data, ddp_model, loss_of  # noqa: E402
+
+
+def worker(rank, world, scenario, outdir):
+    dist.init_process_group("gloo", init_method=f"file://{outdir}/store", rank=rank,
+                           world_size=world)
+    torch.set_num_threads(1)
+    out = {}
+    if scenario == "ddp":
+        net = ddp_model()
+        model = nn.parallel.DistributedDataParallel(net)
+        opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        x, y = ddp_data()
+        xs, ys = x[rank::world], y[rank::world]
+        state = None
+        for step in range(2):
+            opt.zero_grad()
+            res = lipkern.distributed.fused_power_iter(
+                [net[0].weight, net[2].weight, net[4].weight], state=state, n_iters=2,
+                generator=torch.Generator().manual_seed(7) if state is None else None)
+            loss = nn.functional.mse_loss(model(xs), ys) + 0.1 * res.log_lipschitz
+            loss.backward()
+            opt.step()
+            state = res.state
+        out["params"] = [p.detach().clone() for p in net.parameters()]
+    else:
+        ws, specs, n_iters = CASES[scenario]()
+        ws = [w.requires_grad_() for w in ws]
+        res = lipkern.distributed.fused_power_iter(
+            ws, specs, n_iters=n_iters, generator=torch.Generator().manual_seed(5))
+        if scenario == "warm":
+            res = lipkern.distributed.fused_power_iter(ws, specs, n_iters=1, state=res.state)
+        loss_of(res).backward()
+        out.update(sigmas=res.sigmas.detach(), lipschitz=res.lipschitz.detach(),
+                   log_lipschitz=res.log_lipschitz.detach(),
+                   grads=[w.grad if w.grad is not None else torch.zeros_like(w) for w in ws])
+    torch.save(out, os.path.join(outdir, f"rank{rank}.pt"))
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    scenario, world, outdir = sys.argv[1], int(sys.argv[2]), sys.argv[3]
+    mp.start_processes(worker, args=(world, scenario, outdir), nprocs=world, join=True,
+                       start_method="spawn")
