@@ -24,3 +24,23 @@ def test_bench_quick_writes_rows(tmp_path, capsys):
     for r in rows:
         if r["sigmas"] is not None:
             assert max(abs(a - b) / b for a, b in zip(r["sigmas"], naive)) < 1e-4, r["provider"]
+
+
+def test_sweep_and_accuracy_quick(tmp_path, capsys):
+    rows = bench_power_iter.main(["--quick", "--workload", "sweep", "--out",
+                                  str(tmp_path / "s.jsonl"), "--providers",
+                                  "naive,grouped,lipkern"])
+    assert {r["n_layers"] for r in rows} == {1, 4}
+    out = capsys.readouterr().out
+    assert "| layers | width | naive ms |" in out
+    import bench_accuracy
+    acc = bench_accuracy.main(["--quick", "--no-save"])
+    by = {r["provider"]: r for r in acc}
+    # the reshaped kernel underestimates the conv operator norm; 20 iterations beat 1
+    assert by["torch spectral_norm (reshaped kernel)"]["mean_signed_rel"] < -0.1
+    assert by["lipkern operator, 20 it"]["max_abs_rel"] < by["lipkern operator, 1 it"]["max_abs_rel"]
+
+
+def test_entry_point_lists_scripts(capsys):
+    import run
+    assert run.main([]) == 2 and "power_iter" in capsys.readouterr().out
