@@ -32,3 +32,19 @@ def ddp_model():
 def ddp_data():
     g = torch.Generator().manual_seed(12)
     return torch.randn(12, 6, generator=g), torch.randn(12, 3, generator=g)
+
+
+def train_two_steps(net, forward, x, y, bound):
+    """The DDP scenario's loop: 2 SGD steps of mse + 0.1 log L, warm-started bound.
+    forward: the (possibly DDP-wrapped) model; bound(weights, state, generator) -> result."""
+    opt = torch.optim.SGD(forward.parameters(), lr=0.1)
+    state = None
+    for _ in range(2):
+        opt.zero_grad()
+        res = bound([net[0].weight, net[2].weight, net[4].weight], state=state, n_iters=2,
+                    generator=torch.Generator().manual_seed(7) if state is None else None)
+        loss = nn.functional.mse_loss(forward(x), y) + 0.1 * res.log_lipschitz
+        loss.backward()
+        opt.step()
+        state = res.state
+    return [p.detach().clone() for p in net.parameters()]

@@ -10,7 +10,7 @@ import torch.nn as nn
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import lipkern  # noqa: E402
-from dist_cases import CASES, ddp_data, ddp_model, loss_of  # noqa: E402
+from dist_cases import CASES, ddp_data, ddp_model, loss_of, train_two_steps  # noqa: E402
 
 
 def worker(rank, world, scenario, outdir):
@@ -21,20 +21,9 @@ def worker(rank, world, scenario, outdir):
     if scenario == "ddp":
         net = ddp_model()
         model = nn.parallel.DistributedDataParallel(net)
-        opt = torch.optim.SGD(model.parameters(), lr=0.1)
         x, y = ddp_data()
-        xs, ys = x[rank::world], y[rank::world]
-        state = None
-        for step in range(2):
-            opt.zero_grad()
-            res = lipkern.distributed.fused_power_iter(
-                [net[0].weight, net[2].weight, net[4].weight], state=state, n_iters=2,
-                generator=torch.Generator().manual_seed(7) if state is None else None)
-            loss = nn.functional.mse_loss(model(xs), ys) + 0.1 * res.log_lipschitz
-            loss.backward()
-            opt.step()
-            state = res.state
-        out["params"] = [p.detach().clone() for p in net.parameters()]
+        out["params"] = train_two_steps(net, model, x[rank::world], y[rank::world],
+                                        lipkern.distributed.fused_power_iter)
     else:
         ws, specs, n_iters = CASES[scenario]()
         ws = [w.requires_grad_() for w in ws]

@@ -7,10 +7,9 @@ import sys
 
 import pytest
 import torch
-import torch.nn as nn
 
 import lipkern
-from dist_cases import CASES, ddp_data, ddp_model, loss_of
+from dist_cases import CASES, ddp_data, ddp_model, loss_of, train_two_steps
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 TIMEOUT = 240  # seconds for a whole multi-process run: a hang fails the test, not CI
@@ -66,18 +65,8 @@ def test_needs_a_process_group():
 def test_ddp_training_matches_one_process(world, tmp_path):
     ranks = _run("ddp", world, tmp_path)
     net = ddp_model()
-    opt = torch.optim.SGD(net.parameters(), lr=0.1)
     x, y = ddp_data()
-    state = None
-    for _ in range(2):
-        opt.zero_grad()
-        res = lipkern.fused_power_iter(
-            [net[0].weight, net[2].weight, net[4].weight], state=state, n_iters=2,
-            generator=torch.Generator().manual_seed(7) if state is None else None)
-        loss = nn.functional.mse_loss(net(x), y) + 0.1 * res.log_lipschitz
-        loss.backward()
-        opt.step()
-        state = res.state
+    want = train_two_steps(net, net, x, y, lipkern.fused_power_iter)
     for out in ranks:
-        for p, q in zip(out["params"], net.parameters()):
-            torch.testing.assert_close(p, q.detach(), rtol=1e-5, atol=1e-6)
+        for p, q in zip(out["params"], want):
+            torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)

@@ -309,24 +309,32 @@ struct Scratch {
 
 // ---------------------------------------------------------------- the maps
 // dst (cout*oh*ow) = C src (cin*h*w); returns ||dst||^2.
+// C's input-space vector as the GEMM sees it: wrapped into s.pad for circular padding.
+template <typename T>
+const T* padded_input(const Geom& g0, const T* src, Scratch<T>& s) {
+  if (!g0.circular) return src;
+  T* p = s.get(s.pad, padded_geom(g0).in_numel());
+  pad_circular(g0, src, p);
+  return p;
+}
+
+// The (red x P) column matrix of group grp: the input itself for 1x1 convs, else im2col.
+template <typename T>
+const T* group_columns(const Geom& g, int64_t grp, const T* src, Scratch<T>& s) {
+  const int64_t P = g.oh * g.ow;
+  if (direct_1x1(g)) return src + grp * g.cig() * P;
+  T* col = s.get(s.col, g.red() * P);
+  im2col(g, grp, src, col);
+  return col;
+}
+
 template <typename T>
 T apply_c(const Geom& g0, const T* W, const T* src, T* dst, Scratch<T>& s) {
   const Geom g = padded_geom(g0);
-  if (g0.circular) {
-    T* p = s.get(s.pad, g.in_numel());
-    pad_circular(g0, src, p);
-    src = p;
-  }
+  src = padded_input(g0, src, s);
   const int64_t P = g.oh * g.ow, cog = g.cog(), R = g.red();
   for (int64_t grp = 0; grp < g.groups; ++grp) {
-    const T* B;
-    if (direct_1x1(g)) {
-      B = src + grp * g.cig() * P;
-    } else {
-      T* col = s.get(s.col, R * P);
-      im2col(g, grp, src, col);
-      B = col;
-    }
+    const T* B = group_columns(g, grp, src, s);
     auto out = view(dst + grp * cog * P, cog, P);
     at::mm_out(out, view(W + grp * cog * R, cog, R), view(B, R, P));
   }
@@ -435,21 +443,10 @@ void backward_layer(const Geom& g0, const T* x, const T* u, T coef, T* grad, Scr
   const T* in = g0.kind == kConv ? x : u;
   const T* out = g0.kind == kConv ? u : x;
   const Geom g = padded_geom(g0);
-  if (g0.circular) {
-    T* p = s.get(s.pad, g.in_numel());
-    pad_circular(g0, in, p);
-    in = p;
-  }
+  in = padded_input(g0, in, s);
   const int64_t P = g.oh * g.ow, cog = g.cog(), R = g.red();
   for (int64_t grp = 0; grp < g.groups; ++grp) {
-    const T* B;
-    if (direct_1x1(g)) {
-      B = in + grp * g.cig() * P;
-    } else {
-      T* col = s.get(s.col, R * P);
-      im2col(g, grp, in, col);
-      B = col;
-    }
+    const T* B = group_columns(g, grp, in, s);
     auto gv = view(grad + grp * cog * R, cog, R);
     at::addmm_out(gv, gv, view(out + grp * cog * P, cog, P), view(B, R, P).t(), /*beta=*/0,
                   /*alpha=*/coef);

@@ -41,6 +41,12 @@ __device__ T block_sum(T v) {
 
 __device__ inline int64_t wrap(int64_t i, int64_t n) { return ((i % n) + n) % n; }
 
+__device__ inline Geom load_geom(const int64_t* __restrict__ meta, int64_t l) {
+  const int64_t* r = meta + l * kMetaWidth;
+  return Geom{r[0],  r[1],  r[2],  r[3],  r[4],  r[5],  r[6],  r[7],  r[8],  r[9],
+              r[10], r[11], r[12], r[13], r[14], r[15], r[16], r[17], r[18], r[19]};
+}
+
 // dst (cout*oh*ow) = C src (cin*h*w); returns ||dst||^2 (to every thread).
 template <typename T>
 __device__ T conv_c(const Geom& g, const T* __restrict__ w, const T* __restrict__ src,
@@ -133,9 +139,7 @@ __global__ void __launch_bounds__(kThreads)
                    T* __restrict__ loglip, unsigned int* __restrict__ ticket, int64_t n_iters,
                    double eps, double tol) {
   const int64_t l = blockIdx.x;
-  const int64_t* r = meta + l * kMetaWidth;
-  const Geom g{r[0],  r[1],  r[2],  r[3],  r[4],  r[5],  r[6],  r[7],  r[8],  r[9],
-               r[10], r[11], r[12], r[13], r[14], r[15], r[16], r[17], r[18], r[19]};
+  const Geom g = load_geom(meta, l);
   const T* w = weights[l];
   const int64_t nx = g.x_numel(), ny = g.y_numel();
   T* xl = x + g.x_off;
@@ -198,9 +202,7 @@ __global__ void __launch_bounds__(kThreads)
                    const T* __restrict__ grad_sigmas, const T* __restrict__ grad_lip,
                    const T* __restrict__ grad_log, T* __restrict__ grad) {
   const int64_t l = blockIdx.y;
-  const int64_t* r = meta + l * kMetaWidth;
-  const Geom g{r[0],  r[1],  r[2],  r[3],  r[4],  r[5],  r[6],  r[7],  r[8],  r[9],
-               r[10], r[11], r[12], r[13], r[14], r[15], r[16], r[17], r[18], r[19]};
+  const Geom g = load_geom(meta, l);
   const int64_t e = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
   if (e >= g.w_numel()) return;
   // dLoss/dsigma_l without dividing by any sigma
