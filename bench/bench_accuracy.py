@@ -15,7 +15,6 @@ import argparse
 import datetime
 import json
 import os
-import statistics
 import sys
 
 import torch

@@ -1,10 +1,8 @@
 """lipkern.lipschitz_bound against independently computed constants, products and path sums."""
-import math
 
 import pytest
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 import lipkern
 from lipkern import ConvSpec

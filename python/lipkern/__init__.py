@@ -12,5 +12,5 @@ from .spec import ConvSpec
 
 __version__ = "0.1.0"
 
-__all__ = ["ConvSpec", "fused_power_iter", "lipschitz_bound", "LipschitzReport", "PowerIterResult", "PowerIterState", "reference",
+__all__ = ["ConvSpec", "fused_power_iter", "lipschitz_bound", "LipschitzReport", "distributed", "PowerIterResult", "PowerIterState", "reference",
            "available_backends", "BackendUnavailableError", "__version__"]

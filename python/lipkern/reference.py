@@ -29,7 +29,7 @@ from typing import Optional, Sequence
 import torch
 import torch.nn.functional as F
 
-from .layout import Layout, PowerIterState, initial_x
+from .layout import PowerIterState, initial_x
 from .result import PowerIterResult
 from .spec import KIND_CONV_T, KIND_DENSE, ConvSpec, LayerGeom, resolve_geometry
 from .validate import compute_dtype, validate_call
