@@ -106,5 +106,7 @@ setup(
     cmdclass=cmdclass,
     python_requires=">=3.9",
     install_requires=["torch>=2.4", "numpy"],
-    extras_require={"triton": ["triton>=3.0"], "test": ["pytest>=7", "triton>=3.0"]},
+    extras_require={"triton": ["triton>=3.0"], "test": ["pytest>=7", "triton>=3.0"],
+                    # optional providers and plots of the benchmarks
+                    "bench": ["deel-torchlip", "orthogonium", "matplotlib"]},
 )

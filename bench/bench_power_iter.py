@@ -167,6 +167,48 @@ def make_torch_sn(ws, n_iters):
     return run, [m.parametrizations.weight.original for m in mods]
 
 
+def make_orthogonium(leaves, specs):
+    """orthogonium's get_conv_sv (Gram iteration, a certified upper bound) on every conv,
+    differentiable (detach=False); convs only."""
+    from orthogonium.layers.conv.singular_values.get_sv import get_conv_sv
+    if any(s is None or s.transposed for s in specs):
+        raise ValueError("orthogonium's bound applies to (non-transposed) conv layers only")
+
+    class _Conv:  # what get_conv_sv reads of a layer
+        def __init__(self, w, s):
+            self.weight, self.stride, self.padding_mode = w, s.stride, s.padding_mode
+            self.groups = s.groups
+
+    layers = [_Conv(w, s) for w, s in zip(leaves, specs)]
+
+    def run():
+        sig = torch.stack([get_conv_sv(c, n_iter=4, return_stab_rank=False, detach=False,
+                                       imsize=s.input_size[0]) for c, s in zip(layers, specs)])
+        return sig, sig.prod()
+    return run
+
+
+def make_deel(ws, specs):
+    """deel-torchlip's SpectralConv2d / SpectralLinear normalization of every layer (spectral
+    norm + Bjorck orthonormalization + the lconv coefficient), recomputed per step as in
+    training: the per-step cost a deel-torchlip user pays for 1-Lipschitz layers."""
+    from deel.torchlip import SpectralConv2d, SpectralLinear
+    mods = []
+    for w, s in zip(ws, specs):
+        if s is None:
+            m = SpectralLinear(w.shape[1], w.shape[0], bias=False)
+        else:
+            m = SpectralConv2d(w.shape[1] * s.groups, w.shape[0], tuple(w.shape[-2:]),
+                               stride=s.stride, padding=s.padding, bias=False)
+        with torch.no_grad():
+            m.parametrizations.weight.original.copy_(w)
+        mods.append(m.to(w.device))
+
+    def run():
+        return [m.weight for m in mods]
+    return run, [m.parametrizations.weight.original for m in mods]
+
+
 def make_cudagraph(fn, params, mode):
     """fn (forward, and backward unless mode == 'forward') captured in one CUDA graph and
     replayed: what an expert does to remove launch overhead. Returns a callable with fn's
@@ -282,6 +324,14 @@ def setup_inputs(ws, specs, n_iters, warm, device):
 
 def default_providers(device):
     names = ["naive", "grouped", "torch_sn", "lipkern", "lipkern_torch"]
+    # optional installs (pip install -e ".[bench]"); orthogonium only when asked for: its Gram
+    # iteration took 19 s for the 20 toy layers on the CPU (lipkern: 14 ms)
+    for mod, name in (("deel.torchlip", "deel_torchlip"),):
+        try:
+            __import__(mod)
+            names.append(name)
+        except ImportError:
+            pass
     if device.type == "cuda":
         names += ["grouped_compile", "grouped_cudagraph", "lipkern_cuda"]
     return names
@@ -306,6 +356,10 @@ def measure(ws, specs, n_iters, warm, names, device, mode, reps, warmup, trace=N
                                   mode), leaves
         if name == "torch_sn":
             return make_torch_sn(ws, n_iters)
+        if name == "orthogonium":
+            return make_orthogonium(leaves, specs), leaves
+        if name == "deel_torchlip":
+            return make_deel(ws, specs)
         if name.startswith("lipkern"):
             be = {"lipkern": "auto", "lipkern_torch": "torch", "lipkern_triton": "triton",
                   "lipkern_cpp": "cpp", "lipkern_cuda": "cuda"}[name]
@@ -468,8 +522,8 @@ def main(argv=None):
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--providers", default="auto",
                    help="comma list of naive,grouped,torch_sn,grouped_compile,"
-                        "grouped_cudagraph,lipkern,lipkern_torch,lipkern_triton,lipkern_cpp,"
-                        "lipkern_cuda (auto: what runs on this device)")
+                        "grouped_cudagraph,deel_torchlip,orthogonium,lipkern,lipkern_torch,"
+                        "lipkern_triton,lipkern_cpp,lipkern_cuda (auto: what runs here)")
     p.add_argument("--quick", action="store_true", help="smoke test: 1 rep, no warmup")
     p.add_argument("--plot", default=None, help="sweep: write a PNG of speedup vs layers")
     p.add_argument("--trace", default=None, help="write a torch.profiler trace (JSON)")
