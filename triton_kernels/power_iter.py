@@ -52,6 +52,15 @@ def _mul(a, b):
 
 
 @triton.jit
+def _load_conv_geom(row):
+    """The spatial fields of a layer-table row (see lipkern.layout.META_FIELDS)."""
+    return (tl.load(row + F_H), tl.load(row + F_W), tl.load(row + F_OH), tl.load(row + F_OW),
+            tl.load(row + F_KH), tl.load(row + F_KW), tl.load(row + F_SH), tl.load(row + F_SW),
+            tl.load(row + F_PH), tl.load(row + F_PW), tl.load(row + F_DH), tl.load(row + F_DW),
+            tl.load(row + F_G), tl.load(row + F_CIRC))
+
+
+@triton.jit
 def _gather_input(src_ptr, chan, ih, iw, H, W, CIRC, valid):
     """Load src[chan, ih, iw] (flat (C, H, W)), wrapping ih/iw when CIRC, 0 outside."""
     ihw = ((ih % H) + H) % H  # python and C agree on this form for negative ih
@@ -248,21 +257,8 @@ def power_iter_fwd_kernel(
     x_off = tl.load(row + F_XOFF)
     y_off = tl.load(row + F_YOFF)
     CIN = tl.load(row + F_CIN)
-    H = tl.load(row + F_H)
-    W = tl.load(row + F_W)
     COUT = tl.load(row + F_COUT)
-    OH = tl.load(row + F_OH)
-    OW = tl.load(row + F_OW)
-    KH = tl.load(row + F_KH)
-    KW = tl.load(row + F_KW)
-    SH = tl.load(row + F_SH)
-    SW = tl.load(row + F_SW)
-    PH = tl.load(row + F_PH)
-    PW = tl.load(row + F_PW)
-    DH = tl.load(row + F_DH)
-    DW = tl.load(row + F_DW)
-    G = tl.load(row + F_G)
-    CIRC = tl.load(row + F_CIRC)
+    H, W, OH, OW, KH, KW, SH, SW, PH, PW, DH, DW, G, CIRC = _load_conv_geom(row)
     w_ptr = tl.load(wptr_ptr + l).to(tl.pointer_type(W_DTYPE), bitcast=True)
     NI = CIN * H * W
     NO = COUT * OH * OW
@@ -389,20 +385,7 @@ def _conv_grad_tile(row, in_ptr, out_ptr, gptr, coef, tile, CIN, COUT,
                     BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_R: tl.constexpr):
     """grad[co, r] = coef * sum_p out[co, p] * in_gathered[r, p] for tile (group, co block,
     r block); in is C's input-space vector, out its output-space vector."""
-    H = tl.load(row + F_H)
-    W = tl.load(row + F_W)
-    OH = tl.load(row + F_OH)
-    OW = tl.load(row + F_OW)
-    KH = tl.load(row + F_KH)
-    KW = tl.load(row + F_KW)
-    SH = tl.load(row + F_SH)
-    SW = tl.load(row + F_SW)
-    PH = tl.load(row + F_PH)
-    PW = tl.load(row + F_PW)
-    DH = tl.load(row + F_DH)
-    DW = tl.load(row + F_DW)
-    G = tl.load(row + F_G)
-    CIRC = tl.load(row + F_CIRC)
+    H, W, OH, OW, KH, KW, SH, SW, PH, PW, DH, DW, G, CIRC = _load_conv_geom(row)
     CIG = CIN // G
     COG = COUT // G
     KK = KH * KW
