@@ -2,7 +2,7 @@
 
 ``import lipkern`` needs only torch: Triton and the compiled extension load on first use.
 """
-from . import distributed, reference
+from . import distributed, nn, reference
 from .backends import BackendUnavailableError, available_backends
 from .bound import LipschitzReport, lipschitz_bound
 from .layout import PowerIterState
@@ -12,5 +12,5 @@ from .spec import ConvSpec
 
 __version__ = "0.1.0"
 
-__all__ = ["ConvSpec", "fused_power_iter", "lipschitz_bound", "LipschitzReport", "distributed", "PowerIterResult", "PowerIterState", "reference",
+__all__ = ["ConvSpec", "fused_power_iter", "lipschitz_bound", "LipschitzReport", "distributed", "nn", "PowerIterResult", "PowerIterState", "reference",
            "available_backends", "BackendUnavailableError", "__version__"]

@@ -1,0 +1,233 @@
+"""``lipkern.nn.spectral_norm``: a drop-in for ``torch.nn.utils.parametrizations.spectral_norm``.
+
+``mode="matrix"`` reproduces torch's parametrization exactly: the same buffers (``_u`` left,
+``_v`` right), the same 15 iterations at registration from the same random draws, per
+training-mode forward ``n_power_iterations`` of ``u = normalize(W v), v = normalize(W^H u)``,
+``sigma = u^T W v`` with u and v held constant, eval-mode forwards that do not update, the same
+``dim`` rules (ConvTranspose: 1) and state_dict keys (a state_dict saved with torch's loads into
+lipkern's and back). Where torch's breaks, this one does not:
+
+* no ``out=`` ops, and under ``torch.func.vmap`` the buffers are not written (a batched
+  update cannot go into an unbatched buffer), so ``functional_call`` over stacked weights works;
+* the vectors are re-normalized before use, so vectors shrunk or averaged by checkpoint surgery
+  give the same sigma as unit ones;
+* under autocast the iteration and sigma are float32.
+
+``mode="operator"`` divides a conv weight by its conv *operator's* sigma at ``input_size``
+(given, or taken from the first forward), computed by :func:`lipkern.fused_power_iter`: a truly
+1-Lipschitz layer, which torch's reshaped-kernel normalization is not. Its buffers hold the
+operator's vectors (``_u`` output space, ``_v`` input space, flattened).
+"""
+from __future__ import annotations
+
+from typing import Optional, Tuple, Union
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.nn.utils import parametrize
+
+from .layout import PowerIterState, layout_for
+from .power_iter import fused_power_iter
+from .spec import ConvSpec
+
+__all__ = ["spectral_norm", "SpectralNorm"]
+
+_TRANSPOSED = (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
+_CONV = (nn.Conv1d, nn.Conv2d, nn.ConvTranspose1d, nn.ConvTranspose2d)
+
+
+def _in_vmap(t: torch.Tensor) -> bool:
+    try:
+        return torch._C._functorch.is_batchedtensor(t)
+    except AttributeError:  # pragma: no cover - older torch
+        return False
+
+
+class SpectralNorm(nn.Module):
+    """The parametrization registered by :func:`spectral_norm` (``parametrizations.<name>.0``).
+
+    Args: weight (any ndim >= 1), n_power_iterations (> 0), dim (the output dimension), eps,
+    mode ("matrix" or "operator"), spec (the ConvSpec of operator mode; None until known).
+    """
+
+    def __init__(self, weight: torch.Tensor, n_power_iterations: int = 1, dim: int = 0,
+                 eps: float = 1e-12, mode: str = "matrix", spec: Optional[ConvSpec] = None):
+        super().__init__()
+        ndim = weight.ndim
+        if dim >= ndim or dim < -ndim:
+            raise IndexError(f"Dimension out of range (expected to be in range of "
+                             f"[-{ndim}, {ndim - 1}] but got {dim})")
+        if n_power_iterations <= 0:
+            raise ValueError(f"Expected n_power_iterations to be positive, but got "
+                             f"n_power_iterations={n_power_iterations}")
+        if mode not in ("matrix", "operator"):
+            raise ValueError(f"mode must be 'matrix' or 'operator', got {mode!r}")
+        self.dim = dim if dim >= 0 else dim + ndim
+        self.eps = eps
+        self.mode = mode
+        self.spec = spec
+        self.n_power_iterations = n_power_iterations
+        if mode == "operator":
+            if ndim not in (3, 4):
+                raise ValueError("mode='operator' needs a Conv1d/Conv2d or ConvTranspose weight")
+            # vectors are created on the first forward, when the input size is known
+            self.register_buffer("_u", torch.empty(0, dtype=weight.dtype, device=weight.device))
+            self.register_buffer("_v", torch.empty(0, dtype=weight.dtype, device=weight.device))
+            if spec is not None:
+                self._init_operator(weight, spec)
+        elif ndim > 1:
+            weight_mat = self._reshape_weight_to_matrix(weight)
+            h, w = weight_mat.size()
+            # the same draws, in the same order, as torch's: equal seeds give equal vectors
+            u = weight_mat.new_empty(h).normal_(0, 1)
+            v = weight_mat.new_empty(w).normal_(0, 1)
+            self.register_buffer("_u", F.normalize(u, dim=0, eps=self.eps))
+            self.register_buffer("_v", F.normalize(v, dim=0, eps=self.eps))
+            self._power_method(weight_mat, 15)
+
+    # ------------------------------------------------------------ matrix mode (torch's)
+    def _reshape_weight_to_matrix(self, weight: torch.Tensor) -> torch.Tensor:
+        if self.dim != 0:
+            weight = weight.permute(self.dim, *(d for d in range(weight.dim()) if d != self.dim))
+        return weight.flatten(1)
+
+    @torch.no_grad()
+    def _power_method(self, weight_mat: torch.Tensor, n_power_iterations: int):
+        u = F.normalize(self._u, dim=0, eps=self.eps)  # shrunk/averaged vectors: renormalize
+        v = F.normalize(self._v, dim=0, eps=self.eps)
+        for _ in range(n_power_iterations):
+            u = F.normalize(torch.mv(weight_mat, v), dim=0, eps=self.eps)
+            v = F.normalize(torch.mv(weight_mat.H, u), dim=0, eps=self.eps)
+        self._store(u, v)
+        return u, v
+
+    def _store(self, u: torch.Tensor, v: torch.Tensor) -> None:
+        """Write the vectors back in place (DDP broadcasts into these very buffers), except
+        under vmap, where a batched value cannot go into an unbatched buffer."""
+        if _in_vmap(u) and not _in_vmap(self._u):
+            return
+        self._u.copy_(u)
+        self._v.copy_(v)
+
+    def forward(self, weight: torch.Tensor) -> torch.Tensor:
+        if self.mode == "operator":
+            return self._forward_operator(weight)
+        if weight.ndim == 1:
+            return F.normalize(weight, dim=0, eps=self.eps)
+        with torch.autocast(weight.device.type, enabled=False):
+            w32 = weight.float() if weight.dtype in (torch.float16, torch.bfloat16) else weight
+            weight_mat = self._reshape_weight_to_matrix(w32)
+            if self.training:
+                u, v = self._power_method(weight_mat, self.n_power_iterations)
+            else:
+                u = F.normalize(self._u, dim=0, eps=self.eps)
+                v = F.normalize(self._v, dim=0, eps=self.eps)
+            # fresh tensors, never the buffers: a later in-place update (the next training
+            # forward, or DDP's buffer broadcast) cannot touch what autograd saved
+            u = u.clone(memory_format=torch.contiguous_format).to(w32.dtype)
+            v = v.clone(memory_format=torch.contiguous_format).to(w32.dtype)
+            sigma = torch.vdot(u, torch.mv(weight_mat, v))
+            return (w32 / sigma).to(weight.dtype)
+
+    def right_inverse(self, value: torch.Tensor) -> torch.Tensor:
+        return value
+
+    # ------------------------------------------------------------ operator mode
+    def _init_operator(self, weight: torch.Tensor, spec: ConvSpec) -> None:
+        self.spec = spec
+        res = fused_power_iter([weight.detach()], [spec], n_iters=15, eps=self.eps,
+                               check_finite=False)
+        self._u = res.state.u.to(weight.dtype)
+        self._v = res.state.x.to(weight.dtype)
+
+    def _forward_operator(self, weight: torch.Tensor) -> torch.Tensor:
+        if self.spec is None and getattr(self, "_registering", False):
+            return weight  # register_parametrization's shape/dtype check, before any input
+        if self.spec is None:
+            raise RuntimeError("mode='operator' needs the input size: pass input_size= to "
+                               "spectral_norm, or run one forward of the module first")
+        if self._v.numel() == 0:
+            self._init_operator(weight, self.spec)
+        meta = layout_for((tuple(weight.shape),), (self.spec,)).meta
+        state = PowerIterState(self._v.float(), self._u.float(), meta)
+        res = fused_power_iter([weight], [self.spec], state=state,
+                               n_iters=self.n_power_iterations if self.training else 0,
+                               eps=self.eps, check_finite=False)
+        if self.training:
+            self._store(res.state.u.to(self._u.dtype), res.state.x.to(self._v.dtype))
+        return weight / res.sigmas[0].to(weight.dtype)
+
+
+def _reduce_parametrized(self, protocol):
+    """Pickle a module parametrized by spectral_norm as its original class plus its state;
+    :func:`_rebuild_parametrized` re-injects torch's parametrized class on load."""
+    base = type(self).__bases__[0]
+    state = {k: v for k, v in self.__dict__.items() if k != "_forward_pre_hooks"}
+    hooks = {k: h for k, h in self._forward_pre_hooks.items()
+             if getattr(h, "__module__", None) != __name__}
+    return _rebuild_parametrized, (base, state, hooks)
+
+
+def _rebuild_parametrized(base, state, hooks):
+    from collections import OrderedDict
+    module = base.__new__(base)
+    module.__dict__.update(state)
+    module._forward_pre_hooks = OrderedDict(hooks)
+    parametrize._inject_new_class(module)
+    for name in module.parametrizations:
+        parametrize._inject_property(module, name)
+    type(module).__reduce_ex__ = _reduce_parametrized
+    return module
+
+
+def _spec_from_module(module: nn.Module, input_size) -> ConvSpec:
+    one_d = isinstance(module, (nn.Conv1d, nn.ConvTranspose1d))
+    lift = (lambda v: (1, v[0])) if one_d else (lambda v: tuple(v))
+    size = (1, input_size) if one_d and isinstance(input_size, int) else input_size
+    pad = module.padding if isinstance(module.padding, str) else lift(module.padding)
+    transposed = isinstance(module, _TRANSPOSED)
+    return ConvSpec(size, stride=lift(module.stride), padding=pad,
+                    dilation=lift(module.dilation), groups=module.groups,
+                    padding_mode=module.padding_mode, transposed=transposed,
+                    output_padding=lift(module.output_padding) if transposed else 0)
+
+
+def spectral_norm(module: nn.Module, name: str = "weight", n_power_iterations: int = 1,
+                  eps: float = 1e-12, dim: Optional[int] = None, *, mode: str = "matrix",
+                  input_size: Union[None, int, Tuple[int, int]] = None) -> nn.Module:
+    """Spectral normalization of ``module.<name>``: same signature, defaults, buffers and
+    results as ``torch.nn.utils.parametrizations.spectral_norm`` in ``mode="matrix"``;
+    ``mode="operator"`` divides a conv weight by the sigma of the conv operator at
+    ``input_size`` (spatial size of the module's input; taken from the first forward when
+    None). Returns the module. Remove with ``torch.nn.utils.parametrize.remove_parametrizations``.
+    """
+    weight = getattr(module, name, None)
+    if not isinstance(weight, torch.Tensor):
+        raise ValueError(f"Module '{module}' has no parameter or buffer with name '{name}'")
+    if dim is None:
+        dim = 1 if isinstance(module, _TRANSPOSED) else 0
+    spec = None
+    if mode == "operator":
+        if not isinstance(module, _CONV):
+            raise ValueError(f"mode='operator' applies to Conv1d/Conv2d/ConvTranspose1d/2d, "
+                             f"got {type(module).__name__} (use mode='matrix' for Linear)")
+        if input_size is not None:
+            spec = _spec_from_module(module, input_size)
+    param = SpectralNorm(weight, n_power_iterations, dim, eps, mode, spec)
+    param._registering = True
+    try:
+        parametrize.register_parametrization(module, name, param)
+    finally:
+        param._registering = False
+    # torch refuses to pickle parametrized modules (its injected class raises in
+    # __getstate__, and cannot be imported by pickle anyway): rebuild ours on load instead
+    type(module).__reduce_ex__ = _reduce_parametrized
+    if mode == "operator" and spec is None:
+        def capture(mod, args):
+            x = args[0]
+            param.spec = _spec_from_module(mod, tuple(x.shape[2:]) if x.dim() == 4
+                                           else (1, x.shape[-1]))
+            handle.remove()
+        handle = module.register_forward_pre_hook(capture)
+    return module
