@@ -18,7 +18,22 @@ def worker(rank, world, scenario, outdir):
                            world_size=world)
     torch.set_num_threads(1)
     out = {}
-    if scenario == "ddp":
+    if scenario in ("sn_torch", "sn_lipkern"):
+        # two forwards before one backward, buffers broadcast at every forward
+        torch.manual_seed(0)
+        sn = (torch.nn.utils.parametrizations.spectral_norm if scenario == "sn_torch"
+              else lipkern.nn.spectral_norm)
+        net = nn.Sequential(sn(nn.Linear(6, 6)), nn.ReLU(), sn(nn.Linear(6, 2)))
+        model = nn.parallel.DistributedDataParallel(net, broadcast_buffers=True)
+        x = torch.randn(4, 6, generator=torch.Generator().manual_seed(rank))
+        try:
+            loss = model(x).square().sum() + model(2 * x).square().sum()
+            loss.backward()
+            out["error"] = None
+        except RuntimeError as e:
+            out["error"] = str(e).splitlines()[0]
+        out["u"] = [net[i].parametrizations.weight[0]._u.clone() for i in (0, 2)]
+    elif scenario == "ddp":
         net = ddp_model()
         model = nn.parallel.DistributedDataParallel(net)
         x, y = ddp_data()

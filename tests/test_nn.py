@@ -155,3 +155,26 @@ def test_bad_arguments():
         lipkern.nn.spectral_norm(nn.Linear(2, 2), mode="operator")
     with pytest.raises(ValueError, match="n_power_iterations to be positive"):
         lipkern.nn.spectral_norm(nn.Linear(2, 2), n_power_iterations=0)
+
+
+def test_lipschitz_layers_have_constant_one():
+    torch.manual_seed(11)
+    lin = lipkern.nn.SpectralLinear(6, 4)
+    lin(torch.randn(2, 6))
+    lin.eval()
+    assert abs(float(exact_sigma(lin.weight.detach())) - 1) < 1e-5
+    conv = lipkern.nn.SpectralConv2d(2, 3, 3, padding=1, input_size=(5, 5), n_power_iterations=30)
+    x = torch.randn(1, 2, 5, 5)
+    for _ in range(5):
+        conv(x)
+    conv.eval()
+    assert abs(float(exact_sigma(conv.weight.detach(), ConvSpec(5, padding=1))) - 1) < 1e-4
+    for pool, size in ((lipkern.nn.ScaledAvgPool2d(2), 4), (lipkern.nn.ScaledAvgPool2d(3, 1, 1), 5)):
+        k = pool.kernel_size if isinstance(pool.kernel_size, int) else pool.kernel_size[0]
+        w = torch.full((1, 1, k, k), 1.0 / (k * k), dtype=torch.float64)
+        spec = ConvSpec(size, stride=pool.stride, padding=pool.padding)
+        scale = pool._scale((size, size))
+        assert abs(float(exact_sigma(w, spec)) * scale - 1) < 1e-6
+        y = pool(torch.ones(1, 1, size, size))
+        torch.testing.assert_close(y, nn.functional.avg_pool2d(
+            torch.ones(1, 1, size, size), k, pool.stride, pool.padding) * scale)
