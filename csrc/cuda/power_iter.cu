@@ -41,6 +41,15 @@ __device__ T block_sum(T v) {
 
 __device__ inline int64_t wrap(int64_t i, int64_t n) { return ((i % n) + n) % n; }
 
+// Input coordinate that output coordinate o reads at kernel tap k: o*s - p + k*d, wrapped for
+// circular padding, -1 where it falls in zero padding.
+__device__ inline int64_t input_coord(int64_t o, int64_t k, int64_t s, int64_t p, int64_t d,
+                                      int64_t n, int64_t circular) {
+  const int64_t i = o * s - p + k * d;
+  if (circular) return wrap(i, n);
+  return (i < 0 || i >= n) ? -1 : i;
+}
+
 __device__ inline Geom load_geom(const int64_t* __restrict__ meta, int64_t l) {
   const int64_t* r = meta + l * kMetaWidth;
   return Geom{r[0],  r[1],  r[2],  r[3],  r[4],  r[5],  r[6],  r[7],  r[8],  r[9],
@@ -60,13 +69,11 @@ __device__ T conv_c(const Geom& g, const T* __restrict__ w, const T* __restrict_
     for (int64_t ci = 0; ci < cig; ++ci) {
       const T* plane = src + (grp * cig + ci) * g.h * g.w;
       for (int64_t kh = 0; kh < g.kh; ++kh) {
-        int64_t ih = oh * g.sh - g.ph + kh * g.dh;
-        if (g.circular) ih = wrap(ih, g.h);
-        else if (ih < 0 || ih >= g.h) continue;
+        const int64_t ih = input_coord(oh, kh, g.sh, g.ph, g.dh, g.h, g.circular);
+        if (ih < 0) continue;
         for (int64_t kw = 0; kw < g.kw; ++kw) {
-          int64_t iw = ow * g.sw - g.pw + kw * g.dw;
-          if (g.circular) iw = wrap(iw, g.w);
-          else if (iw < 0 || iw >= g.w) continue;
+          const int64_t iw = input_coord(ow, kw, g.sw, g.pw, g.dw, g.w, g.circular);
+          if (iw < 0) continue;
           acc += wr[(ci * g.kh + kh) * g.kw + kw] * plane[ih * g.w + iw];
         }
       }
@@ -224,13 +231,11 @@ __global__ void __launch_bounds__(kThreads)
   const T* oc = out + co * P;
   T acc = 0;
   for (int64_t oh = 0; oh < g.oh; ++oh) {
-    int64_t ih = oh * g.sh - g.ph + kh * g.dh;
-    if (g.circular) ih = wrap(ih, g.h);
-    else if (ih < 0 || ih >= g.h) continue;
+    const int64_t ih = input_coord(oh, kh, g.sh, g.ph, g.dh, g.h, g.circular);
+    if (ih < 0) continue;
     for (int64_t ow = 0; ow < g.ow; ++ow) {
-      int64_t iw = ow * g.sw - g.pw + kw * g.dw;
-      if (g.circular) iw = wrap(iw, g.w);
-      else if (iw < 0 || iw >= g.w) continue;
+      const int64_t iw = input_coord(ow, kw, g.sw, g.pw, g.dw, g.w, g.circular);
+      if (iw < 0) continue;
       acc += oc[oh * g.ow + ow] * plane[ih * g.w + iw];
     }
   }
