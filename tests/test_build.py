@@ -54,11 +54,12 @@ blocks = dict(META_WIDTH=20, BLOCK_L=16, BLOCK_C=k.BLOCK_C, BLOCK_P=k.BLOCK_P,
 for wt, tlt, gt in (("fp32", tl.float32, "*fp32"), ("bf16", tl.bfloat16, "*bf16"),
                     ("fp16", tl.float16, "*fp16")):
     f32 = "*fp32"
-    compile_(k.power_iter_fwd_kernel,
-             dict(meta_ptr="*i32", wptr_ptr="*i64", x0_ptr=f32, x_ptr=f32, u_ptr=f32,
-                  xn_ptr=f32, sig_ptr=f32, lip_ptr=f32, loglip_ptr=f32, counter_ptr="*i32",
-                  L="i32", n_iters="i32", eps="fp32", tol="fp32"),
-             dict(W_DTYPE=tlt, BLOCK_V=k.BLOCK_V, **blocks), cap)
+    for sn in (False, True):
+        compile_(k.power_iter_fwd_kernel,
+                 dict(meta_ptr="*i32", wptr_ptr="*i64", x0_ptr=f32, u0_ptr=f32, x_ptr=f32,
+                      u_ptr=f32, xn_ptr=f32, sig_ptr=f32, lip_ptr=f32, loglip_ptr=f32,
+                      counter_ptr="*i32", L="i32", n_iters="i32", eps="fp32", tol="fp32"),
+                 dict(W_DTYPE=tlt, SN_VARIANT=sn, BLOCK_V=k.BLOCK_V, **blocks), cap)
     for has in ((True, True, True), (False, True, False)):
         compile_(k.power_iter_bwd_kernel,
                  dict(meta_ptr="*i32", tiles_ptr="*i32", x_ptr=f32, u_ptr=f32, sig_ptr=f32,

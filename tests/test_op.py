@@ -3,7 +3,7 @@ import pytest
 import torch
 
 import lipkern
-from lipkern.layout import initial_x, layout_for
+from lipkern.layout import initial_u, initial_x, layout_for
 from lipkern.ops.power_iter import power_iter_backward_op, power_iter_op
 
 HAS_EXT = lipkern.backends.load_ext() is not None
@@ -12,36 +12,43 @@ from conftest import DEVICES
 from layers import MIXED, leaf, make_weights
 
 
-def _op_args(entries, dtype, device, backend, n_iters=2, tol=-1.0):
+def _op_args(entries, dtype, device, backend, n_iters=2, tol=-1.0, variant="power"):
+    """Arguments of lipkern::power_iter: (weights, x0, u0, meta, n_iters, eps, tol, backend)."""
     ws, specs = make_weights(entries, dtype, device, seed=3)
     lay = layout_for(tuple(tuple(w.shape) for w in ws), tuple(specs))
     cd = torch.float64 if dtype == torch.float64 else torch.float32
-    x0 = initial_x(lay, torch.device(device), cd, torch.Generator().manual_seed(0))
-    return [w.requires_grad_() for w in ws], x0, list(lay.meta), n_iters, 1e-12, tol, backend
+    gen = torch.Generator().manual_seed(0)
+    x0 = initial_x(lay, torch.device(device), cd, gen)
+    u0 = initial_u(lay, torch.device(device), cd, gen) if variant == "spectral_norm" else None
+    return ([w.requires_grad_() for w in ws], x0, u0, list(lay.meta), n_iters, 1e-12, tol,
+            backend)
 
 
 @pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("variant", ["power", "spectral_norm"])
 @pytest.mark.parametrize("backend,dtype", [("torch", torch.float32), ("torch", torch.float64),
                                            ("triton", torch.float32)])
-def test_opcheck(backend, dtype, device):
+def test_opcheck(backend, dtype, device, variant):
     why = lipkern.backends._why_not(backend, torch.device(device), dtype)
     if why:
         pytest.skip(why)
-    args = _op_args(MIXED[3:9], dtype, device, backend)
+    args = _op_args(MIXED[3:9], dtype, device, backend, variant=variant)
     torch.library.opcheck(power_iter_op, args)
-    ws, x0, meta, *_ = args
+    ws, x0, u0, meta, *_ = args
     sig, _, _, x, u = power_iter_op(*args)
     bargs = (x.detach(), u.detach(), sig.detach(), torch.ones_like(sig.detach()),
              torch.ones((), dtype=sig.dtype, device=device), None, meta, backend, dtype)
     torch.library.opcheck(power_iter_backward_op, bargs)
 
 
+@pytest.mark.parametrize("variant", ["power", "spectral_norm"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-def test_opcheck_compiled_op(dtype):
+def test_opcheck_compiled_op(dtype, variant):
     if not HAS_EXT:
         pytest.skip("lipkern._C not built")
-    ws, x0, meta, n_iters, eps, tol, _ = _op_args(MIXED[3:9], dtype, "cpu", "cpp")
-    args = (ws, x0, meta, n_iters, eps, tol)
+    ws, x0, u0, meta, n_iters, eps, tol, _ = _op_args(MIXED[3:9], dtype, "cpu", "cpp",
+                                                      variant=variant)
+    args = (ws, x0, u0, meta, n_iters, eps, tol)
     torch.library.opcheck(torch.ops.lipkern.power_iter_ext.default, args)
     sig, _, _, x, u = torch.ops.lipkern.power_iter_ext(*args)
     bargs = (x.detach(), u.detach(), sig.detach(), None, torch.ones((), dtype=sig.dtype),
@@ -57,14 +64,15 @@ def test_extension_is_built():
     assert HAS_EXT, lipkern.backends._ext_missing()
 
 
+@pytest.mark.parametrize("variant", ["power", "spectral_norm"])
 @pytest.mark.parametrize("backend", ["torch", "cpp"])
-def test_gradcheck_through_the_op_fp64(backend):
+def test_gradcheck_through_the_op_fp64(backend, variant):
     if backend == "cpp" and not HAS_EXT:
         pytest.skip("lipkern._C not built")
-    _gradcheck_through_the_op(backend)
+    _gradcheck_through_the_op(backend, variant)
 
 
-def _gradcheck_through_the_op(backend):
+def _gradcheck_through_the_op(backend, variant="power"):
     entries = [((4, 3), None), ((2, 2, 2, 2), lipkern.ConvSpec(3, padding=1)),
                ((2, 3, 2, 2), lipkern.ConvSpec(2, stride=2, transposed=True)),
                ((3, 1, 2), lipkern.ConvSpec(4, groups=3, padding_mode="circular", padding=1))]
@@ -72,7 +80,8 @@ def _gradcheck_through_the_op(backend):
 
     def f(*ws):
         r = lipkern.fused_power_iter(list(ws), specs, n_iters=300, backend=backend,
-                                     generator=torch.Generator().manual_seed(0))
+                                     generator=torch.Generator().manual_seed(0),
+                                     variant=variant)
         return r.sigmas, r.lipschitz, r.log_lipschitz
 
     assert torch.autograd.gradcheck(f, [w.requires_grad_() for w in ws], atol=1e-6, rtol=1e-4)

@@ -75,6 +75,61 @@ def test_mixed_layers_match_reference(backend, dtype, device):
         _assert_close_rule(f"grad[{i}] {tuple(ws[i].shape)}", g, gw, gr)
 
 
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("n_iters", [0, 2])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_spectral_norm_variant_matches_reference(backend, dtype, n_iters, device):
+    """variant="spectral_norm" (torch's update, sigma = u^T A x with u of the last half-step;
+    n_iters=0 is torch's eval mode): every backend against the reference, same rule."""
+    _backend_ok(backend, device, dtype)
+    ws, specs = make_weights(MIXED, dtype, device, seed=21)
+    gen = lambda: torch.Generator().manual_seed(6)  # noqa: E731
+    c = _coefs(len(ws), seed=12)
+    kw = dict(n_iters=n_iters, variant="spectral_norm")
+    r, grads = _run(lipkern.fused_power_iter, ws, specs, (c[0].to(device).float(), *c[1:]),
+                    backend=backend, generator=gen(), **kw)
+    r64, g64 = _run(ref.power_iter, [w.double() for w in ws], specs,
+                    (c[0].to(device), *c[1:]), generator=gen(), **kw)
+    r32, g32 = _run(ref.power_iter, ws, specs, (c[0].to(device).float(), *c[1:]),
+                    generator=gen(), **kw)
+    for name in ("sigmas", "lipschitz"):
+        _assert_close_rule(name, getattr(r, name), getattr(r64, name), getattr(r32, name))
+    _assert_close_rule("state.x", r.state.x, r64.state.x, r32.state.x)
+    _assert_close_rule("state.u", r.state.u, r64.state.u, r32.state.u)
+    for i, (g, gw, gr) in enumerate(zip(grads, g64, g32)):
+        assert g.dtype == dtype and g.shape == ws[i].shape
+        _assert_close_rule(f"grad[{i}] {tuple(ws[i].shape)}", g, gw, gr)
+    if n_iters == 0:  # eval mode leaves the (normalized) vectors as they were
+        lay = lipkern.layout.layout_for(tuple(tuple(w.shape) for w in ws), tuple(specs))
+        x0 = lipkern.layout.initial_x(lay, torch.device(device), torch.float32, gen())
+        for i in range(len(ws)):
+            xi = x0[lay.x_slice(i)]
+            torch.testing.assert_close(r.state.x[lay.x_slice(i)], xi / xi.norm())
+
+
+@pytest.mark.parametrize("backend", ["torch", "cpp"])
+def test_spectral_norm_variant_float64_and_warm_start(backend):
+    """fp64 to 1e-12 of the reference, and 2 + 1 warm-started iterations == 3 (the state
+    carries both vectors)."""
+    _backend_ok(backend, "cpu", torch.float64)
+    ws, specs = make_weights(MIXED, torch.float64, seed=22)
+    kw = dict(variant="spectral_norm")
+    gen = lambda: torch.Generator().manual_seed(2)  # noqa: E731
+    r = lipkern.fused_power_iter(ws, specs, n_iters=3, backend=backend, generator=gen(), **kw)
+    want = ref.power_iter(ws, specs, n_iters=3, generator=gen(), **kw)
+    torch.testing.assert_close(r.sigmas, want.sigmas, rtol=1e-12, atol=1e-14)
+    cold = lipkern.fused_power_iter(ws, specs, n_iters=2, backend=backend, generator=gen(),
+                                    **kw)
+    warm = lipkern.fused_power_iter(ws, specs, n_iters=1, state=cold.state, backend=backend,
+                                    **kw)
+    torch.testing.assert_close(warm.sigmas, r.sigmas, rtol=1e-12, atol=1e-14)
+    torch.testing.assert_close(warm.state.u, r.state.u, rtol=1e-10, atol=1e-12)
+    # n_iters=0 re-evaluates u^T A x of the state: the value of the call that made the state
+    ev = lipkern.fused_power_iter(ws, specs, n_iters=0, state=r.state, backend=backend, **kw)
+    torch.testing.assert_close(ev.sigmas, r.sigmas, rtol=1e-12, atol=1e-14)
+
+
 @pytest.mark.parametrize("backend", ["torch", "cpp"])
 def test_float64_matches_reference(backend):
     _backend_ok(backend, "cpu", torch.float64)

@@ -82,6 +82,8 @@ def test_bad_convspec(kwargs, exc, match):
     (dict(backend="jax"), ValueError, "backend must be one of"),
     (dict(generator=0), TypeError, "generator must be a torch.Generator"),
     (dict(state="warm"), TypeError, "state must be the .state of an earlier"),
+    (dict(variant="torch"), ValueError, "variant must be one of"),
+    (dict(variant="spectral_norm", tol=1e-3), ValueError, "tol is not supported with"),
 ])
 def test_bad_options(kwargs, exc, match):
     with pytest.raises(exc, match=match):
@@ -92,6 +94,13 @@ def test_state_for_other_layers_is_refused():
     st = call([W]).state
     with pytest.raises(ValueError, match="state was computed for different layers"):
         call([W.t().contiguous()], state=st)
+
+
+def test_state_with_wrong_vector_sizes_is_refused():
+    st = call([W]).state
+    bad = lipkern.PowerIterState(st.x, st.u[:-1], st.meta)
+    with pytest.raises(ValueError, match="state.x / state.u must have shapes"):
+        call([W], state=bad, variant="spectral_norm")
 
 
 def test_unavailable_backends_say_what_is_missing(monkeypatch):

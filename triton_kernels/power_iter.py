@@ -239,16 +239,123 @@ def _apply_a(kind, w_ptr, x_ptr, y_ptr, xn_ptr, ACCUM, CIN, H, W, COUT, OH, OW, 
 
 
 @triton.jit
+def _adjoint_into(kind, w_ptr, src, dst, CIN, H, W, COUT, OH, OW, KH, KW, SH, SW, PH, PW, DH,
+                  DW, G, CIRC, BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr,
+                  BLOCK_R: tl.constexpr):
+    """dst = A^T src (a dense layer as the 1x1 conv it is); returns ||dst||^2."""
+    if kind == 2:
+        s2 = _conv_c_phase(w_ptr, src, dst, CIN, H, W, COUT, OH, OW, KH, KW, SH, SW, PH, PW,
+                           DH, DW, G, CIRC, BLOCK_C, BLOCK_P, BLOCK_R)
+    else:
+        s2 = _conv_ct_phase(w_ptr, src, dst, CIN, H, W, COUT, OH, OW, KH, KW, SH, SW, PH, PW,
+                            DH, DW, G, CIRC, BLOCK_C, BLOCK_P, BLOCK_R)
+    return s2
+
+
+@triton.jit
+def _iterate_power(kind, w_ptr, x, u, xn, NX, NY, n_iters, eps, tol, CIN, H, W, COUT, OH, OW,
+                   KH, KW, SH, SW, PH, PW, DH, DW, G, CIRC,
+                   BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_R: tl.constexpr,
+                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr):
+    """The default update on one layer (x unit, xn zero on entry): leaves u = A x / sigma,
+    returns sigma = ||A x||."""
+    k = 0
+    s_prev = -1.0
+    while k < n_iters:
+        s = tl.sqrt(_apply_a(kind, w_ptr, x, u, xn, 1, CIN, H, W, COUT, OH, OW, KH, KW,
+                             SH, SW, PH, PW, DH, DW, G, CIRC,
+                             BLOCK_C, BLOCK_P, BLOCK_R, BLOCK_M, BLOCK_N))
+        tl.debug_barrier()
+        done = (tol >= 0) & (k > 0) & (tl.abs(s - s_prev) <= tol * s)
+        if done:
+            k = n_iters
+        else:
+            if kind != 0:  # dense layers accumulated W^T y in the pass above
+                _adjoint_into(kind, w_ptr, u, xn, CIN, H, W, COUT, OH, OW, KH, KW, SH, SW, PH,
+                              PW, DH, DW, G, CIRC, BLOCK_C, BLOCK_P, BLOCK_R)
+            tl.debug_barrier()
+            nx = tl.sqrt(_sumsq(xn, NX, BLOCK_V))
+            tl.debug_barrier()
+            # x = xn / max(||xn||, eps), and xn = 0 for the next dense accumulation
+            _scale_into(xn, x, NX, 1.0 / tl.maximum(nx, eps), 1, BLOCK_V)
+            tl.debug_barrier()
+            k += 1
+        s_prev = s
+
+    sigma = tl.sqrt(_apply_a(kind, w_ptr, x, u, xn, 0, CIN, H, W, COUT, OH, OW, KH, KW,
+                             SH, SW, PH, PW, DH, DW, G, CIRC,
+                             BLOCK_C, BLOCK_P, BLOCK_R, BLOCK_M, BLOCK_N))
+    tl.debug_barrier()
+    _scale_into(u, u, NY, 1.0 / tl.maximum(sigma, eps), 0, BLOCK_V)
+    return sigma
+
+
+@triton.jit
+def _dot(a_ptr, b_ptr, N, BLOCK_V: tl.constexpr):
+    acc = tl.zeros([BLOCK_V], tl.float32)
+    for n0 in range(0, N, BLOCK_V):
+        offs = n0 + tl.arange(0, BLOCK_V)
+        m = offs < N
+        acc += (tl.load(a_ptr + offs, mask=m, other=0.0)
+                * tl.load(b_ptr + offs, mask=m, other=0.0))
+    return tl.sum(acc)
+
+
+@triton.jit
+def _iterate_sn(kind, w_ptr, x, u, xn, u0, NX, NY, n_iters, eps, CIN, H, W, COUT, OH, OW,
+                KH, KW, SH, SW, PH, PW, DH, DW, G, CIRC,
+                BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_R: tl.constexpr,
+                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr):
+    """torch's spectral_norm update on one layer (x unit, xn zero on entry): per iteration
+    u = normalize(A x), x = normalize(A^T u); returns sigma = u^T A x, which after an iteration
+    is ||A^T u||^2 / max(||A^T u||, eps) (x is A^T u normalized): no extra matvec. With no
+    iteration (eval mode): u = normalize(u0), sigma = <x, A^T u>. Dense layers keep the
+    one-pass W^T W x: the accumulator holds A^T y = ||y|| A^T u, rescaled here."""
+    t = eps * 0.0
+    if n_iters == 0:
+        nu = tl.sqrt(_sumsq(u0, NY, BLOCK_V))
+        _scale_into(u0, u, NY, 1.0 / tl.maximum(nu, eps), 0, BLOCK_V)
+        tl.debug_barrier()
+        _adjoint_into(kind, w_ptr, u, xn, CIN, H, W, COUT, OH, OW, KH, KW, SH, SW, PH, PW,
+                      DH, DW, G, CIRC, BLOCK_C, BLOCK_P, BLOCK_R)
+        tl.debug_barrier()
+        sigma = _dot(x, xn, NX, BLOCK_V)
+    else:
+        for _k in range(n_iters):
+            ms = tl.maximum(tl.sqrt(_apply_a(kind, w_ptr, x, u, xn, 1, CIN, H, W, COUT, OH,
+                                             OW, KH, KW, SH, SW, PH, PW, DH, DW, G, CIRC,
+                                             BLOCK_C, BLOCK_P, BLOCK_R, BLOCK_M, BLOCK_N)),
+                            eps)
+            tl.debug_barrier()
+            _scale_into(u, u, NY, 1.0 / ms, 0, BLOCK_V)
+            tl.debug_barrier()
+            if kind != 0:
+                _adjoint_into(kind, w_ptr, u, xn, CIN, H, W, COUT, OH, OW, KH, KW, SH, SW, PH,
+                              PW, DH, DW, G, CIRC, BLOCK_C, BLOCK_P, BLOCK_R)
+                tl.debug_barrier()
+            c = tl.where(kind == 0, ms, 1.0)
+            t = tl.sqrt(_sumsq(xn, NX, BLOCK_V)) / c
+            tl.debug_barrier()
+            # x = A^T u / max(||A^T u||, eps), and xn = 0 for the next dense accumulation
+            _scale_into(xn, x, NX, 1.0 / (c * tl.maximum(t, eps)), 1, BLOCK_V)
+            tl.debug_barrier()
+        sigma = t * t / tl.maximum(t, eps)
+    return sigma
+
+
+@triton.jit
 def power_iter_fwd_kernel(
-        meta_ptr, wptr_ptr, x0_ptr, x_ptr, u_ptr, xn_ptr, sig_ptr, lip_ptr, loglip_ptr,
-        counter_ptr, L, n_iters, eps, tol,
-        W_DTYPE: tl.constexpr, META_WIDTH: tl.constexpr, BLOCK_L: tl.constexpr,
+        meta_ptr, wptr_ptr, x0_ptr, u0_ptr, x_ptr, u_ptr, xn_ptr, sig_ptr, lip_ptr,
+        loglip_ptr, counter_ptr, L, n_iters, eps, tol,
+        W_DTYPE: tl.constexpr, SN_VARIANT: tl.constexpr, META_WIDTH: tl.constexpr,
+        BLOCK_L: tl.constexpr,
         BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_R: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr):
     """Program l runs layer l's iteration; the last program to finish writes the product.
 
     meta_ptr: (L, META_WIDTH) int32 layer table; wptr_ptr: (L,) int64 weight addresses;
     x0/x/xn: packed (total_x,) fp32 (start, result, scratch); u: (total_y,) fp32;
+    u0: (total_y,) fp32 start left vectors, read only when SN_VARIANT (torch's update);
     sig: (L,) fp32; lip, loglip: () fp32; counter: (1,) int32, 0 on entry and on exit.
     tol < 0 disables the early exit."""
     l = tl.program_id(0)
@@ -274,37 +381,14 @@ def power_iter_fwd_kernel(
     _scale_into(x, xn, NX, 0.0, 0, BLOCK_V)
     tl.debug_barrier()
 
-    k = 0
-    s_prev = -1.0
-    while k < n_iters:
-        s = tl.sqrt(_apply_a(kind, w_ptr, x, u, xn, 1, CIN, H, W, COUT, OH, OW, KH, KW,
-                             SH, SW, PH, PW, DH, DW, G, CIRC,
-                             BLOCK_C, BLOCK_P, BLOCK_R, BLOCK_M, BLOCK_N))
-        tl.debug_barrier()
-        done = (tol >= 0) & (k > 0) & (tl.abs(s - s_prev) <= tol * s)
-        if done:
-            k = n_iters
-        else:
-            if kind == 1:
-                _conv_ct_phase(w_ptr, u, xn, CIN, H, W, COUT, OH, OW, KH, KW, SH, SW,
-                               PH, PW, DH, DW, G, CIRC, BLOCK_C, BLOCK_P, BLOCK_R)
-            elif kind == 2:
-                _conv_c_phase(w_ptr, u, xn, CIN, H, W, COUT, OH, OW, KH, KW, SH, SW,
-                              PH, PW, DH, DW, G, CIRC, BLOCK_C, BLOCK_P, BLOCK_R)
-            tl.debug_barrier()
-            nx = tl.sqrt(_sumsq(xn, NX, BLOCK_V))
-            tl.debug_barrier()
-            # x = xn / max(||xn||, eps), and xn = 0 for the next dense accumulation
-            _scale_into(xn, x, NX, 1.0 / tl.maximum(nx, eps), 1, BLOCK_V)
-            tl.debug_barrier()
-            k += 1
-        s_prev = s
-
-    sigma = tl.sqrt(_apply_a(kind, w_ptr, x, u, xn, 0, CIN, H, W, COUT, OH, OW, KH, KW,
-                             SH, SW, PH, PW, DH, DW, G, CIRC,
-                             BLOCK_C, BLOCK_P, BLOCK_R, BLOCK_M, BLOCK_N))
-    tl.debug_barrier()
-    _scale_into(u, u, NY, 1.0 / tl.maximum(sigma, eps), 0, BLOCK_V)
+    if SN_VARIANT:
+        sigma = _iterate_sn(kind, w_ptr, x, u, xn, u0_ptr + y_off, NX, NY, n_iters, eps, CIN, H,
+                            W, COUT, OH, OW, KH, KW, SH, SW, PH, PW, DH, DW, G, CIRC,
+                            BLOCK_C, BLOCK_P, BLOCK_R, BLOCK_M, BLOCK_N, BLOCK_V)
+    else:
+        sigma = _iterate_power(kind, w_ptr, x, u, xn, NX, NY, n_iters, eps, tol, CIN, H, W,
+                               COUT, OH, OW, KH, KW, SH, SW, PH, PW, DH, DW, G, CIRC,
+                               BLOCK_C, BLOCK_P, BLOCK_R, BLOCK_M, BLOCK_N, BLOCK_V)
     tl.store(sig_ptr + l, sigma)
     tl.debug_barrier()  # every thread's stores precede the release below
 
@@ -472,8 +556,9 @@ def _check_int32(layout) -> None:
                          ">= 2^31 elements (use backend='torch')")
 
 
-def forward(weights, x0, layout, n_iters: int, eps: float, tol: float):
-    """Launch the fused forward. weights: same dtype/device, contiguous; x0: (total_x,) fp32.
+def forward(weights, x0, u0, layout, n_iters: int, eps: float, tol: float):
+    """Launch the fused forward. weights: same dtype/device, contiguous; x0: (total_x,) fp32;
+    u0: None, or (total_y,) fp32 for torch's spectral_norm update.
     Returns (sigmas (L,), lipschitz (), log_lipschitz (), x (total_x,), u (total_y,)), fp32."""
     from lipkern.layout import META_WIDTH
     _check_int32(layout)
@@ -489,8 +574,9 @@ def forward(weights, x0, layout, n_iters: int, eps: float, tol: float):
     lip = _empty((), **f32)
     loglip = _empty((), **f32)
     power_iter_fwd_kernel[(L,)](
-        meta_t, wptrs, x0, x, u, xn, sig, lip, loglip, _counter(device), L, n_iters, eps,
-        tol, W_DTYPE=_TL_DTYPES[weights[0].dtype], META_WIDTH=META_WIDTH,
+        meta_t, wptrs, x0, x0 if u0 is None else u0.contiguous(), x, u, xn, sig, lip, loglip,
+        _counter(device), L, n_iters, eps, tol, W_DTYPE=_TL_DTYPES[weights[0].dtype],
+        SN_VARIANT=u0 is not None, META_WIDTH=META_WIDTH,
         BLOCK_L=max(16, triton.next_power_of_2(L)), BLOCK_C=BLOCK_C, BLOCK_P=BLOCK_P,
         BLOCK_R=BLOCK_R, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_V=BLOCK_V, num_warps=4)
     return sig, lip, loglip, x, u

@@ -138,34 +138,18 @@ __device__ void scale_into(const T* src, T* dst, int64_t n, T s) {
   for (int64_t i = threadIdx.x; i < n; i += blockDim.x) dst[i] = src[i] * s;
 }
 
+// The default update on one layer (block-wide): x normalized on entry; leaves u = A x / sigma
+// and returns sigma = ||A x||.
 template <typename T>
-__global__ void __launch_bounds__(kThreads)
-    power_iter_fwd(const int64_t* __restrict__ meta, const T* const* __restrict__ weights,
-                   int64_t L, const T* __restrict__ x0, T* __restrict__ x, T* __restrict__ u,
-                   T* __restrict__ xn, T* __restrict__ sig, T* __restrict__ lip,
-                   T* __restrict__ loglip, unsigned int* __restrict__ ticket, int64_t n_iters,
-                   double eps, double tol) {
-  const int64_t l = blockIdx.x;
-  const Geom g = load_geom(meta, l);
-  const T* w = weights[l];
+__device__ T power_iter_layer(const Geom& g, const T* w, T* xl, T* ul, T* xnl, int64_t n_iters,
+                              T e, T tol) {
   const int64_t nx = g.x_numel(), ny = g.y_numel();
-  T* xl = x + g.x_off;
-  T* ul = u + g.y_off;
-  T* xnl = xn + g.x_off;
-  const T e = T(eps);
-
-  T s2 = 0;
-  for (int64_t i = threadIdx.x; i < nx; i += blockDim.x) s2 += x0[g.x_off + i] * x0[g.x_off + i];
-  const T n0 = sqrt(block_sum(s2));
-  scale_into(x0 + g.x_off, xl, nx, T(1) / fmax(n0, e));
-  __syncthreads();
-
   T s_prev = -1, sig2 = 0;
   bool have_y = false;
   for (int64_t k = 0; k < n_iters; ++k) {
     sig2 = apply_a(g, w, xl, ul);  // block_sum synchronizes: y complete below
     const T sk = sqrt(sig2);
-    if (tol >= 0 && k > 0 && fabs(sk - s_prev) <= T(tol) * sk) {  // same value in all threads
+    if (tol >= 0 && k > 0 && fabs(sk - s_prev) <= tol * sk) {  // same value in all threads
       have_y = true;
       break;
     }
@@ -180,6 +164,69 @@ __global__ void __launch_bounds__(kThreads)
   __syncthreads();
   const T sigma = sqrt(sig2);
   scale_into(ul, ul, ny, T(1) / fmax(sigma, e));
+  return sigma;
+}
+
+// torch's spectral_norm update on one layer (block-wide): per iteration u = normalize(A x),
+// x = normalize(A^T u); sigma = u^T A x = ||A^T u||^2 / max(||A^T u||, eps) after an
+// iteration (x is A^T u normalized), <x0, A^T u0> with none (eval mode).
+template <typename T>
+__device__ T power_iter_sn(const Geom& g, const T* w, const T* u0, T* xl, T* ul, T* xnl,
+                           int64_t n_iters, T e) {
+  const int64_t nx = g.x_numel(), ny = g.y_numel();
+  if (n_iters == 0) {
+    T s2 = 0;
+    for (int64_t i = threadIdx.x; i < ny; i += blockDim.x) s2 += u0[i] * u0[i];
+    scale_into(u0, ul, ny, T(1) / fmax(sqrt(block_sum(s2)), e));
+    __syncthreads();
+    apply_at(g, w, ul, xnl);
+    T d = 0;
+    for (int64_t i = threadIdx.x; i < nx; i += blockDim.x) d += xl[i] * xnl[i];
+    return block_sum(d);
+  }
+  T t = 0;
+  for (int64_t k = 0; k < n_iters; ++k) {
+    const T s = sqrt(apply_a(g, w, xl, ul));
+    __syncthreads();
+    scale_into(ul, ul, ny, T(1) / fmax(s, e));
+    __syncthreads();
+    t = sqrt(apply_at(g, w, ul, xnl));
+    __syncthreads();
+    scale_into(xnl, xl, nx, T(1) / fmax(t, e));
+    __syncthreads();
+  }
+  return t * t / fmax(t, e);
+}
+
+template <typename T>
+__global__ void __launch_bounds__(kThreads)
+    power_iter_fwd(const int64_t* __restrict__ meta, const T* const* __restrict__ weights,
+                   int64_t L, const T* __restrict__ x0, const T* __restrict__ u0,
+                   T* __restrict__ x, T* __restrict__ u,
+                   T* __restrict__ xn, T* __restrict__ sig, T* __restrict__ lip,
+                   T* __restrict__ loglip, unsigned int* __restrict__ ticket, int64_t n_iters,
+                   double eps, double tol) {
+  const int64_t l = blockIdx.x;
+  const Geom g = load_geom(meta, l);
+  const T* w = weights[l];
+  const int64_t nx = g.x_numel();
+  T* xl = x + g.x_off;
+  T* ul = u + g.y_off;
+  T* xnl = xn + g.x_off;
+  const T e = T(eps);
+
+  T s2 = 0;
+  for (int64_t i = threadIdx.x; i < nx; i += blockDim.x) s2 += x0[g.x_off + i] * x0[g.x_off + i];
+  const T n0 = sqrt(block_sum(s2));
+  scale_into(x0 + g.x_off, xl, nx, T(1) / fmax(n0, e));
+  __syncthreads();
+
+  T sigma;
+  if (u0) {  // torch's spectral_norm update (see power_iter_sn)
+    sigma = power_iter_sn(g, w, u0 + g.y_off, xl, ul, xnl, n_iters, e);
+  } else {
+    sigma = power_iter_layer(g, w, xl, ul, xnl, n_iters, e, T(tol));
+  }
   if (threadIdx.x == 0) sig[l] = sigma;
 
   // the network bound, by the last block to finish
@@ -244,12 +291,12 @@ __global__ void __launch_bounds__(kThreads)
 
 template <typename T>
 cudaError_t forward_impl(const int64_t* meta, const void* const* weights, int64_t L,
-                         const T* x0, T* x, T* u, T* xn, T* sig, T* lip, T* loglip,
-                         unsigned int* ticket, int64_t n_iters, double eps, double tol,
-                         cudaStream_t stream) {
+                         const T* x0, const T* u0, T* x, T* u, T* xn, T* sig, T* lip,
+                         T* loglip, unsigned int* ticket, int64_t n_iters, double eps,
+                         double tol, cudaStream_t stream) {
   if (L <= 0 || L > 0x7fffffff) return cudaErrorInvalidValue;
   power_iter_fwd<T><<<unsigned(L), kThreads, 0, stream>>>(
-      meta, reinterpret_cast<const T* const*>(weights), L, x0, x, u, xn, sig, lip, loglip,
+      meta, reinterpret_cast<const T* const*>(weights), L, x0, u0, x, u, xn, sig, lip, loglip,
       ticket, n_iters, eps, tol);
   return cudaGetLastError();
 }
@@ -269,20 +316,21 @@ cudaError_t backward_impl(const int64_t* meta, int64_t L, int64_t max_w_numel, c
 // ---------------------------------------------------------------- launchers (C ABI-ish)
 // meta: (L, kMetaWidth) int64 on the device; weights: (L,) device pointers, contiguous, in
 // the compute dtype; every other pointer is device memory of the compute dtype; ticket:
-// one unsigned int, 0 on entry (left 0 on exit).
+// one unsigned int, 0 on entry (left 0 on exit). u0: nullptr for the default update, else
+// (total_y,) start left vectors of torch's spectral_norm update.
 cudaError_t launch_forward_f32(const int64_t* meta, const void* const* weights, int64_t L,
-                               const float* x0, float* x, float* u, float* xn, float* sig,
-                               float* lip, float* loglip, unsigned int* ticket,
+                               const float* x0, const float* u0, float* x, float* u, float* xn,
+                               float* sig, float* lip, float* loglip, unsigned int* ticket,
                                int64_t n_iters, double eps, double tol, cudaStream_t stream) {
-  return forward_impl<float>(meta, weights, L, x0, x, u, xn, sig, lip, loglip, ticket, n_iters,
-                             eps, tol, stream);
+  return forward_impl<float>(meta, weights, L, x0, u0, x, u, xn, sig, lip, loglip, ticket,
+                             n_iters, eps, tol, stream);
 }
 
 cudaError_t launch_forward_f64(const int64_t* meta, const void* const* weights, int64_t L,
-                               const double* x0, double* x, double* u, double* xn,
-                               double* sig, double* lip, double* loglip, unsigned int* ticket,
+                               const double* x0, const double* u0, double* x, double* u,
+                               double* xn, double* sig, double* lip, double* loglip, unsigned int* ticket,
                                int64_t n_iters, double eps, double tol, cudaStream_t stream) {
-  return forward_impl<double>(meta, weights, L, x0, x, u, xn, sig, lip, loglip, ticket,
+  return forward_impl<double>(meta, weights, L, x0, u0, x, u, xn, sig, lip, loglip, ticket,
                               n_iters, eps, tol, stream);
 }
 

@@ -17,11 +17,11 @@ namespace lipkern {
 namespace cuda {
 
 cudaError_t launch_forward_f32(const int64_t*, const void* const*, int64_t, const float*,
-                               float*, float*, float*, float*, float*, float*, unsigned int*,
-                               int64_t, double, double, cudaStream_t);
-cudaError_t launch_forward_f64(const int64_t*, const void* const*, int64_t, const double*,
-                               double*, double*, double*, double*, double*, double*,
+                               const float*, float*, float*, float*, float*, float*, float*,
                                unsigned int*, int64_t, double, double, cudaStream_t);
+cudaError_t launch_forward_f64(const int64_t*, const void* const*, int64_t, const double*,
+                               const double*, double*, double*, double*, double*, double*,
+                               double*, unsigned int*, int64_t, double, double, cudaStream_t);
 cudaError_t launch_backward_f32(const int64_t*, int64_t, int64_t, const float*, const float*,
                                 const float*, const float*, const float*, const float*, float*,
                                 cudaStream_t);
@@ -51,8 +51,8 @@ at::Tensor ticket(const at::Device& device) {
 }  // namespace
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> power_iter_cuda(
-    at::TensorList weights, const at::Tensor& x0_in, at::IntArrayRef meta, int64_t n_iters,
-    double eps, double tol) {
+    at::TensorList weights, const at::Tensor& x0_in, const std::optional<at::Tensor>& u0_in,
+    at::IntArrayRef meta, int64_t n_iters, double eps, double tol) {
   at::AutoDispatchBelowADInplaceOrView below_autograd;
   const auto geoms = parse_meta(meta.data(), meta.size());
   TORCH_CHECK(!weights.empty() && weights.size() == geoms.size(),
@@ -71,8 +71,18 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> power_ite
     ptrs.push_back(reinterpret_cast<int64_t>(ws.back().data_ptr()));
   }
   const at::Tensor x0 = x0_in.to(cdtype).contiguous();
-  int64_t total_y = 0;
-  for (const auto& g : geoms) total_y += g.y_numel();
+  int64_t total_x = 0, total_y = 0;
+  for (const auto& g : geoms) {
+    total_x += g.x_numel();
+    total_y += g.y_numel();
+  }
+  TORCH_CHECK(x0.dim() == 1 && x0.numel() == total_x, "lipkern: x0 must be 1-D of ", total_x,
+              " elements");
+  const bool sn = u0_in.has_value();
+  TORCH_CHECK(!sn || tol < 0, "lipkern: tol is not supported with u0 (variant spectral_norm)");
+  const at::Tensor u0 = sn ? u0_in->to(cdtype).contiguous() : at::Tensor();
+  TORCH_CHECK(!sn || (u0.dim() == 1 && u0.numel() == total_y && u0.device() == device),
+              "lipkern: u0 must be 1-D of ", total_y, " elements on ", device);
   auto opt = x0.options();
   at::Tensor x = at::empty({x0.numel()}, opt), xn = at::empty({x0.numel()}, opt);
   at::Tensor u = at::empty({total_y}, opt), sig = at::empty({int64_t(geoms.size())}, opt);
@@ -85,12 +95,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> power_ite
   auto* tp = reinterpret_cast<unsigned int*>(tk.data_ptr<int>());
   const int64_t L = geoms.size();
   if (cdtype == at::kFloat) {
-    C10_CUDA_CHECK(launch_forward_f32(mp, wp, L, x0.data_ptr<float>(), x.data_ptr<float>(),
+    C10_CUDA_CHECK(launch_forward_f32(mp, wp, L, x0.data_ptr<float>(),
+                                      sn ? u0.data_ptr<float>() : nullptr, x.data_ptr<float>(),
                                       u.data_ptr<float>(), xn.data_ptr<float>(),
                                       sig.data_ptr<float>(), lip.data_ptr<float>(),
                                       loglip.data_ptr<float>(), tp, n_iters, eps, tol, stream));
   } else {
-    C10_CUDA_CHECK(launch_forward_f64(mp, wp, L, x0.data_ptr<double>(), x.data_ptr<double>(),
+    C10_CUDA_CHECK(launch_forward_f64(mp, wp, L, x0.data_ptr<double>(),
+                                      sn ? u0.data_ptr<double>() : nullptr,
+                                      x.data_ptr<double>(),
                                       u.data_ptr<double>(), xn.data_ptr<double>(),
                                       sig.data_ptr<double>(), lip.data_ptr<double>(),
                                       loglip.data_ptr<double>(), tp, n_iters, eps, tol,

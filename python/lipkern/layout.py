@@ -133,3 +133,12 @@ def initial_x(layout: Layout, device: torch.device, dtype: torch.dtype,
 
 def weight_shapes(weights: Sequence[torch.Tensor]) -> Tuple[Tuple[int, ...], ...]:
     return tuple(tuple(w.shape) for w in weights)
+
+
+def initial_u(layout: Layout, device: torch.device, dtype: torch.dtype,
+              generator: Optional[torch.Generator]) -> torch.Tensor:
+    """Packed cold-start left vectors of ``variant="spectral_norm"`` (drawn after
+    :func:`initial_x` from the same generator; used as is only when ``n_iters == 0``)."""
+    gen_device = generator.device if generator is not None else torch.device("cpu")
+    u = torch.randn(layout.total_y, generator=generator, device=gen_device, dtype=torch.float32)
+    return u.to(device=device, dtype=dtype)

@@ -6,7 +6,7 @@ from typing import Optional, Sequence
 import torch
 
 from .backends import resolve_backend
-from .layout import PowerIterState, initial_x
+from .layout import PowerIterState, initial_u, initial_x
 from .ops.power_iter import call_op
 from .result import PowerIterResult
 from .spec import ConvSpec
@@ -18,7 +18,7 @@ def fused_power_iter(weights: Sequence[torch.Tensor],
                      state: Optional[PowerIterState] = None, n_iters: int = 5,
                      eps: float = 1e-12, tol: Optional[float] = None, backend: str = "auto",
                      generator: Optional[torch.Generator] = None,
-                     check_finite: bool = True) -> PowerIterResult:
+                     check_finite: bool = True, variant: str = "power") -> PowerIterResult:
     """Spectral norms of many layers at once, and the network's Lipschitz upper bound.
 
     Power iteration (see :mod:`lipkern.reference` for the exact math) on every layer in one
@@ -43,6 +43,11 @@ def fused_power_iter(weights: Sequence[torch.Tensor],
         generator: seeds the cold-start vectors (drawn on the generator's device).
         check_finite: raise ValueError on NaN/Inf weights (one reduction and one host sync;
             pass False inside a tight training loop).
+        variant: "power" (above) or "spectral_norm": torch's spectral_norm update, both
+            vectors carried in ``state`` (``state.x`` is torch's ``v``, ``state.u`` its
+            ``u``), per iteration ``u = normalize(A x)``, ``x = normalize(A^T u)``, then
+            ``sigma = u^T A x``; ``n_iters=0`` evaluates ``u0^T A x0`` (torch's eval mode).
+            No ``tol``. Used by :mod:`lipkern.nn` to match per-layer spectral_norm exactly.
 
     Returns:
         :class:`PowerIterResult` with ``sigmas`` (L,), ``lipschitz`` (), ``log_lipschitz`` ()
@@ -50,12 +55,17 @@ def fused_power_iter(weights: Sequence[torch.Tensor],
         ``state``. Bf16/fp16 weights iterate in float32, also under autocast.
     """
     weights, layout = validate_call(weights, specs, state, n_iters, eps, tol, backend,
-                                    generator, check_finite and not torch.compiler.is_compiling())
+                                    generator, check_finite and not torch.compiler.is_compiling(),
+                                    variant)
     device, dtype = weights[0].device, weights[0].dtype
     chosen = resolve_backend(backend, device, dtype)
     cdtype = compute_dtype(dtype)
     x0 = state.x if state is not None else initial_x(layout, device, cdtype, generator)
+    u0 = None
+    if variant == "spectral_norm":
+        u0 = state.u if state is not None else initial_u(layout, device, cdtype, generator)
+        u0 = u0.to(cdtype)
     sigmas, lip, log_lip, x, u = call_op(
-        chosen, list(weights), x0, list(layout.meta), n_iters, float(eps),
+        chosen, list(weights), x0.to(cdtype), u0, list(layout.meta), n_iters, float(eps),
         -1.0 if tol is None else float(tol))
     return PowerIterResult(sigmas, lip, log_lip, PowerIterState(x, u, layout.meta))

@@ -14,6 +14,22 @@ For each layer with operator A (see :mod:`lipkern.spec`) and a start vector x0:
 With ``tol``, iteration ``k > 0`` first compares ``s_k = \|A x\|`` with ``s_{k-1}`` and stops
 (keeping x) once ``|s_k - s_{k-1}| <= tol * s_k``.
 
+``variant="spectral_norm"`` is torch's spectral_norm update instead, with both vectors in the
+state (x is torch's v, u its u; no ``tol``):
+
+.. math::
+
+    x \leftarrow x_0 / \max(\|x_0\|, \epsilon),\quad u \leftarrow u_0 / \max(\|u_0\|, \epsilon)
+
+    \text{repeat } n\_iters \text{ times:}\quad u = \frac{A x}{\max(\|A x\|, \epsilon)},\;
+        x = \frac{A^\top u}{\max(\|A^\top u\|, \epsilon)}
+
+    \sigma = u^\top A x
+
+so sigma uses u of the last half-step (slightly below ``\|A x\|`` before convergence), and
+``n_iters = 0`` evaluates ``u_0^\top A x_0`` (torch's eval mode). The gradient rule below is the
+same for both variants.
+
 Gradient (the implicit rule of torch.nn.utils.spectral_norm): x and u are held constant, so
 ``sigma = u^T A(W) x`` and ``dsigma/dW = u x^T`` for dense layers, the conv weight gradient
 of input x and output gradient u for conv operators (x and u swapped for transposed convs).
@@ -29,7 +45,7 @@ from typing import Optional, Sequence
 import torch
 import torch.nn.functional as F
 
-from .layout import PowerIterState, initial_x
+from .layout import PowerIterState, initial_u, initial_x
 from .result import PowerIterResult
 from .spec import KIND_CONV_T, KIND_DENSE, ConvSpec, LayerGeom, resolve_geometry
 from .validate import compute_dtype, validate_call
@@ -127,12 +143,19 @@ def _normalize(v: torch.Tensor, eps: float):
 
 @torch.no_grad()
 def iterate_layer(g: LayerGeom, w: torch.Tensor, x0: torch.Tensor, n_iters: int, eps: float,
-                  tol: Optional[float]):
-    """Run the iteration of the module docstring on one layer (no autograd).
+                  tol: Optional[float], u0: Optional[torch.Tensor] = None):
+    """Run the iteration of the module docstring on one layer (no autograd); ``u0`` given
+    selects ``variant="spectral_norm"`` (then ``tol`` must be None).
 
-    Args: w in the compute dtype, x0 flat (x_numel,). Returns (x, u, sigma) with x (x_numel,)
-    and u (y_numel,) unit (or zero) vectors and sigma a 0-d tensor."""
+    Args: w in the compute dtype, x0 flat (x_numel,), u0 flat (y_numel,) or None. Returns
+    (x, u, sigma) with x (x_numel,) and u (y_numel,) unit (or zero) vectors and sigma 0-d."""
     x, _ = _normalize(x0, eps)
+    if u0 is not None:
+        u, _ = _normalize(u0, eps)
+        for _ in range(n_iters):
+            u, _ = _normalize(apply_op(g, w, x), eps)
+            x, _ = _normalize(apply_adjoint(g, w, u), eps)
+        return x, u, torch.dot(u, apply_op(g, w, x))
     s_prev = None
     for _ in range(n_iters):
         y = apply_op(g, w, x)
@@ -159,22 +182,26 @@ def power_iter(weights: Sequence[torch.Tensor], specs: Optional[Sequence[Optiona
                *, state: Optional[PowerIterState] = None, n_iters: int = 5, eps: float = 1e-12,
                tol: Optional[float] = None, backend: str = "torch",
                generator: Optional[torch.Generator] = None,
-               check_finite: bool = True) -> PowerIterResult:
+               check_finite: bool = True, variant: str = "power") -> PowerIterResult:
     """Reference power iteration, one layer at a time in plain torch (see module docstring).
 
     Same signature and results as :func:`lipkern.fused_power_iter` (``backend`` is accepted
     and ignored). Gradients flow through ``sigma = u^T A(W) x`` with x, u detached.
     """
     weights, layout = validate_call(weights, specs, state, n_iters, eps, tol, backend,
-                                    generator, check_finite)
+                                    generator, check_finite, variant)
     device, cdtype = weights[0].device, compute_dtype(weights[0].dtype)
     x0 = state.x if state is not None else initial_x(layout, device, cdtype, generator)
+    u0 = None
+    if variant == "spectral_norm":
+        u0 = state.u if state is not None else initial_u(layout, device, cdtype, generator)
     sigmas, xs, us = [], [], []
     with torch.autocast(device.type, enabled=False):
         for i, (w, g) in enumerate(zip(weights, layout.geoms)):
             wc = w.to(cdtype)
             x, u, _ = iterate_layer(g, wc.detach(), x0[layout.x_slice(i)].to(cdtype), n_iters,
-                                    eps, tol)
+                                    eps, tol, None if u0 is None else
+                                    u0[layout.y_slice(i)].to(cdtype))
             sigmas.append(torch.dot(u, apply_op(g, wc, x)))
             xs.append(x)
             us.append(u)

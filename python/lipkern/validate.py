@@ -10,6 +10,7 @@ from .layout import Layout, PowerIterState, layout_for, weight_shapes
 from .spec import ConvSpec
 
 BACKENDS = ("auto", "triton", "cuda", "cpp", "torch")
+VARIANTS = ("power", "spectral_norm")
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
@@ -74,6 +75,14 @@ def check_specs(specs, n: int) -> Tuple[Optional[ConvSpec], ...]:
     return tuple(specs)
 
 
+def check_variant(variant, tol) -> None:
+    if variant not in VARIANTS:
+        raise ValueError(f"variant must be one of {VARIANTS}, got {variant!r}")
+    if variant == "spectral_norm" and tol is not None:
+        raise ValueError("tol is not supported with variant='spectral_norm' (torch's update "
+                         "runs a fixed number of iterations); pass tol=None")
+
+
 def check_scalars(n_iters, eps, tol, backend, generator) -> None:
     if isinstance(n_iters, bool) or not isinstance(n_iters, int) or n_iters < 0:
         raise ValueError(f"n_iters must be an int >= 0, got {n_iters!r}")
@@ -99,18 +108,24 @@ def check_state(state, layout: Layout, device: torch.device) -> None:
     if state.meta != layout.meta:
         raise ValueError("state was computed for different layers (shapes or specs differ "
                          "from this call's); pass state=None for a cold start")
-    if state.x.device != device:
+    if state.x.device != device or state.u.device != device:
         raise ValueError(f"state is on {state.x.device} but the weights are on {device}; "
                          f"move it with state.to(device)")
+    if tuple(state.x.shape) != (layout.total_x,) or tuple(state.u.shape) != (layout.total_y,):
+        raise ValueError(f"state.x / state.u must have shapes ({layout.total_x},) / "
+                         f"({layout.total_y},) for these layers, got {tuple(state.x.shape)} / "
+                         f"{tuple(state.u.shape)}")
 
 
 def validate_call(weights, specs, state, n_iters, eps, tol, backend, generator,
-                  finite: bool) -> Tuple[Tuple[torch.Tensor, ...], Layout]:
+                  finite: bool, variant: str = "power"
+                  ) -> Tuple[Tuple[torch.Tensor, ...], Layout]:
     """Everything :func:`fused_power_iter` checks, in order; returns the weights as a tuple
     and the packed layout."""
     weights = check_weights(weights)
     specs = check_specs(specs, len(weights))
     check_scalars(n_iters, eps, tol, backend, generator)
+    check_variant(variant, tol)
     layout = layout_for(weight_shapes(weights), specs)
     check_state(state, layout, weights[0].device)
     if finite:

@@ -7,8 +7,10 @@ Both are ``torch.library.custom_op``: opaque to torch.compile (the graph sees on
 call and the fake kernels below), and ``torch.library.opcheck`` tests them. One forward op and
 one backward op per call is the whole registered surface, on every backend.
 
-Forward: (weights, x0, meta, n_iters, eps, tol, backend)
+Forward: (weights, x0, u0?, meta, n_iters, eps, tol, backend)
     -> (sigmas (L,), lipschitz (), log_lipschitz (), x (total_x,), u (total_y,))
+    u0 given (total_y,) selects torch's spectral_norm update (``variant="spectral_norm"`` of
+    :mod:`lipkern.reference`); u0 None the default power iteration.
 Backward: (x, u, sigmas, grad_sigmas?, grad_lipschitz?, grad_log_lipschitz?, meta, backend,
     weight_dtype) -> packed weight gradient (total_w,) in weight_dtype; autograd splits it into
     views, one per weight, so the split costs no kernel.
@@ -27,13 +29,14 @@ from ..layout import Layout, layout_from_meta
 
 
 # ---------------------------------------------------------------- launchers
-def _torch_forward(weights, x0, layout: Layout, n_iters, eps, tol):
+def _torch_forward(weights, x0, u0, layout: Layout, n_iters, eps, tol):
     cdtype = x0.dtype
     xs, us, sigmas = [], [], []
     with torch.autocast(x0.device.type, enabled=False):
         for i, (w, g) in enumerate(zip(weights, layout.geoms)):
-            x, u, s = reference.iterate_layer(g, w.to(cdtype), x0[layout.x_slice(i)], n_iters,
-                                              eps, None if tol < 0 else tol)
+            x, u, s = reference.iterate_layer(
+                g, w.to(cdtype), x0[layout.x_slice(i)], n_iters, eps, None if tol < 0 else tol,
+                None if u0 is None else u0[layout.y_slice(i)].to(cdtype))
             xs.append(x)
             us.append(u)
             sigmas.append(s)
@@ -75,11 +78,11 @@ def _triton():
     return kernels
 
 
-def _forward_impl(backend, weights, x0, layout, n_iters, eps, tol):
+def _forward_impl(backend, weights, x0, u0, layout, n_iters, eps, tol):
     if backend == "triton":
         weights = [w.contiguous() for w in weights]
-        return _triton().forward(weights, x0, layout, n_iters, eps, tol)
-    return _torch_forward(weights, x0, layout, n_iters, eps, tol)
+        return _triton().forward(weights, x0, u0, layout, n_iters, eps, tol)
+    return _torch_forward(weights, x0, u0, layout, n_iters, eps, tol)
 
 
 def _backward_impl(backend, x, u, sigmas, gs, gl, glog, layout, wdtype):
@@ -90,11 +93,11 @@ def _backward_impl(backend, x, u, sigmas, gs, gl, glog, layout, wdtype):
 
 # ---------------------------------------------------------------- registration
 @torch.library.custom_op("lipkern::power_iter", mutates_args=())
-def power_iter_op(weights: List[Tensor], x0: Tensor, meta: List[int], n_iters: int,
-                  eps: float, tol: float, backend: str
+def power_iter_op(weights: List[Tensor], x0: Tensor, u0: Optional[Tensor], meta: List[int],
+                  n_iters: int, eps: float, tol: float, backend: str
                   ) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     layout = layout_from_meta(tuple(meta))
-    return _forward_impl(backend, weights, x0, layout, n_iters, eps, tol)
+    return _forward_impl(backend, weights, x0, u0, layout, n_iters, eps, tol)
 
 
 def _fake_forward(x0, meta):
@@ -104,7 +107,7 @@ def _fake_forward(x0, meta):
 
 
 @power_iter_op.register_fake
-def _(weights, x0, meta, n_iters, eps, tol, backend):
+def _(weights, x0, u0, meta, n_iters, eps, tol, backend):
     return _fake_forward(x0, meta)
 
 
@@ -125,11 +128,11 @@ def _(x, u, sigmas, grad_sigmas, grad_lipschitz, grad_log_lipschitz, meta, backe
 
 # ---------------------------------------------------------------- autograd
 def _setup_context(ctx, inputs, output):
-    weights, meta = inputs[0], inputs[2]
+    weights, meta = inputs[0], inputs[3]
     sigmas, _, _, x, u = output
     ctx.save_for_backward(x, u, sigmas)
     ctx.meta = meta
-    ctx.backend = inputs[6] if len(inputs) > 6 else None  # None: the compiled op
+    ctx.backend = inputs[7] if len(inputs) > 7 else None  # None: the compiled op
     ctx.n_inputs = len(inputs)
     ctx.weight_shapes = [w.shape for w in weights]
     ctx.weight_dtype = weights[0].dtype
@@ -157,7 +160,7 @@ power_iter_op.register_autograd(_backward, setup_context=_setup_context)
 # lipkern::power_iter_ext (schema in csrc/ops.cpp; CPU kernels in csrc/cpu, CUDA in
 # csrc/cuda): the same contract as power_iter_op without the backend argument (the
 # dispatcher picks CPU or CUDA by device). Fake kernels and autograd are registered here.
-def _ext_fake(weights, x0, meta, n_iters, eps, tol):
+def _ext_fake(weights, x0, u0, meta, n_iters, eps, tol):
     return _fake_forward(x0, meta)
 
 
@@ -173,8 +176,8 @@ if load_ext() is not None:
                                     setup_context=_setup_context)
 
 
-def call_op(backend: str, weights, x0, meta, n_iters: int, eps: float, tol: float):
-    """The one registered op of a call on this backend."""
+def call_op(backend: str, weights, x0, u0, meta, n_iters: int, eps: float, tol: float):
+    """The one registered op of a call on this backend (u0: see the module docstring)."""
     if backend in ("cpp", "cuda"):
-        return torch.ops.lipkern.power_iter_ext(weights, x0, meta, n_iters, eps, tol)
-    return power_iter_op(weights, x0, meta, n_iters, eps, tol, backend)
+        return torch.ops.lipkern.power_iter_ext(weights, x0, u0, meta, n_iters, eps, tol)
+    return power_iter_op(weights, x0, u0, meta, n_iters, eps, tol, backend)
