@@ -100,7 +100,7 @@ setup(
     description="Fused GPU kernels for spectral norms and Lipschitz constants of networks",
     long_description=open(os.path.join(ROOT, "README.md")).read(),
     long_description_content_type="text/markdown",
-    packages=["lipkern", "lipkern.ops", "lipkern.triton_kernels"],
+    packages=["lipkern", "lipkern.nn", "lipkern.ops", "lipkern.triton_kernels"],
     package_dir={"lipkern": "python/lipkern", "lipkern.triton_kernels": "triton_kernels"},
     ext_modules=ext_modules,
     cmdclass=cmdclass,

@@ -33,6 +33,21 @@ def worker(rank, world, scenario, outdir):
         except RuntimeError as e:
             out["error"] = str(e).splitlines()[0]
         out["u"] = [net[i].parametrizations.weight[0]._u.clone() for i in (0, 2)]
+    elif scenario == "sn_model":
+        # spectral_norm_model under DDP: 2 steps, two forwards before one backward each
+        torch.manual_seed(0)
+        net = lipkern.nn.spectral_norm_model(
+            nn.Sequential(nn.Linear(6, 6), nn.ReLU(), nn.Linear(6, 2)))
+        model = nn.parallel.DistributedDataParallel(net, broadcast_buffers=True)
+        opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        for step in range(2):
+            x = torch.randn(4, 6, generator=torch.Generator().manual_seed(10 * step + rank))
+            opt.zero_grad()
+            (model(x).square().sum() + model(2 * x).square().sum()).backward()
+            opt.step()
+        out["u"] = [net[i].parametrizations.weight[0]._u.clone() for i in (0, 2)]
+        out["v"] = [net[i].parametrizations.weight[0]._v.clone() for i in (0, 2)]
+        out["params"] = [p.detach().clone() for p in net.parameters()]
     elif scenario == "ddp":
         net = ddp_model()
         model = nn.parallel.DistributedDataParallel(net)

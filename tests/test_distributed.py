@@ -84,3 +84,12 @@ def test_spectral_norm_two_forwards_one_backward_under_ddp(tmp_path):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
     # what torch does, for the record (not asserted: it may be fixed upstream)
     print("torch's spectral_norm under DDP:", [r["error"] for r in torch_ranks])
+
+
+def test_spectral_norm_model_under_ddp_keeps_vectors_identical(tmp_path):
+    """Two forwards before one backward, 2 steps, buffers broadcast: every rank ends with the
+    same vectors and parameters, and no in-place error."""
+    ranks = _run("sn_model", 2, tmp_path)
+    for key in ("u", "v", "params"):
+        for a, b in zip(ranks[0][key], ranks[1][key]):
+            torch.testing.assert_close(a, b, rtol=0, atol=0)

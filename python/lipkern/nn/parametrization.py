@@ -20,6 +20,7 @@ operator's vectors (``_u`` output space, ``_v`` input space, flattened).
 """
 from __future__ import annotations
 
+from collections import OrderedDict
 from typing import Optional, Tuple, Union
 
 import torch
@@ -27,11 +28,11 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.nn.utils import parametrize
 
-from .layout import PowerIterState, layout_for
-from .power_iter import fused_power_iter
-from .spec import ConvSpec
+from ..layout import PowerIterState, layout_for
+from ..power_iter import fused_power_iter
+from ..spec import ConvSpec
 
-__all__ = ["spectral_norm", "SpectralNorm", "SpectralLinear", "SpectralConv2d", "ScaledAvgPool2d"]
+__all__ = ["spectral_norm", "SpectralNorm"]
 
 _TRANSPOSED = (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
 _CONV = (nn.Conv1d, nn.Conv2d, nn.ConvTranspose1d, nn.ConvTranspose2d)
@@ -137,7 +138,7 @@ class SpectralNorm(nn.Module):
     def _init_operator(self, weight: torch.Tensor, spec: ConvSpec) -> None:
         self.spec = spec
         res = fused_power_iter([weight.detach()], [spec], n_iters=15, eps=self.eps,
-                               check_finite=False)
+                               check_finite=False, variant="spectral_norm")
         self._u = res.state.u.to(weight.dtype)
         self._v = res.state.x.to(weight.dtype)
 
@@ -153,32 +154,45 @@ class SpectralNorm(nn.Module):
         state = PowerIterState(self._v.float(), self._u.float(), meta)
         res = fused_power_iter([weight], [self.spec], state=state,
                                n_iters=self.n_power_iterations if self.training else 0,
-                               eps=self.eps, check_finite=False)
+                               eps=self.eps, check_finite=False, variant="spectral_norm")
         if self.training:
             self._store(res.state.u.to(self._u.dtype), res.state.x.to(self._v.dtype))
         return weight / res.sigmas[0].to(weight.dtype)
 
 
 def _reduce_parametrized(self, protocol):
-    """Pickle a module parametrized by spectral_norm as its original class plus its state;
-    :func:`_rebuild_parametrized` re-injects torch's parametrized class on load."""
+    """Pickle a module parametrized by lipkern as its original class plus its state (torch's
+    injected class refuses to pickle). The state is applied after the object exists, so a
+    reference cycle back to the module (a spectral_norm_model group) survives pickle and
+    deepcopy; hooks of this module (operator mode's one-shot input capture) are dropped."""
     base = type(self).__bases__[0]
     state = {k: v for k, v in self.__dict__.items() if k != "_forward_pre_hooks"}
-    hooks = {k: h for k, h in self._forward_pre_hooks.items()
-             if getattr(h, "__module__", None) != __name__}
-    return _rebuild_parametrized, (base, state, hooks)
+    state["_forward_pre_hooks"] = OrderedDict(
+        (k, h) for k, h in self._forward_pre_hooks.items()
+        if getattr(h, "__module__", None) != __name__)
+    return _new_parametrized, (base,), state
 
 
-def _rebuild_parametrized(base, state, hooks):
-    from collections import OrderedDict
+def _new_parametrized(base):
     module = base.__new__(base)
-    module.__dict__.update(state)
-    module._forward_pre_hooks = OrderedDict(hooks)
     parametrize._inject_new_class(module)
-    for name in module.parametrizations:
-        parametrize._inject_property(module, name)
-    type(module).__reduce_ex__ = _reduce_parametrized
+    make_picklable(module)
     return module
+
+
+def _setstate_parametrized(self, state):
+    type(self).__bases__[0].__setstate__(self, state)
+    for name in self.parametrizations:
+        parametrize._inject_property(self, name)
+        for p in self.parametrizations[name]:
+            if hasattr(p, "_lipkern_install"):  # spectral_norm_model's layers
+                p._lipkern_install(self)
+
+
+def make_picklable(module: nn.Module) -> None:
+    """Give a parametrized ``module``'s injected class pickling and deep-copying."""
+    type(module).__reduce_ex__ = _reduce_parametrized
+    type(module).__setstate__ = _setstate_parametrized
 
 
 def _spec_from_module(module: nn.Module, input_size) -> ConvSpec:
@@ -222,7 +236,7 @@ def spectral_norm(module: nn.Module, name: str = "weight", n_power_iterations: i
         param._registering = False
     # torch refuses to pickle parametrized modules (its injected class raises in
     # __getstate__, and cannot be imported by pickle anyway): rebuild ours on load instead
-    type(module).__reduce_ex__ = _reduce_parametrized
+    make_picklable(module)
     if mode == "operator" and spec is None:
         def capture(mod, args):
             x = args[0]
@@ -231,63 +245,3 @@ def spectral_norm(module: nn.Module, name: str = "weight", n_power_iterations: i
             handle.remove()
         handle = module.register_forward_pre_hook(capture)
     return module
-
-
-# ---------------------------------------------------------------- 1-Lipschitz layers
-class SpectralLinear(nn.Linear):
-    """``nn.Linear`` with orthogonal init and spectral normalization: sigma(W) = 1 (estimated by
-    ``n_power_iterations`` per training forward, warm-started). For 1-Lipschitz networks."""
-
-    def __init__(self, in_features: int, out_features: int, bias: bool = True,
-                 n_power_iterations: int = 1, **kwargs):
-        super().__init__(in_features, out_features, bias, **kwargs)
-        nn.init.orthogonal_(self.weight)
-        if self.bias is not None:
-            nn.init.zeros_(self.bias)
-        spectral_norm(self, n_power_iterations=n_power_iterations)
-
-
-class SpectralConv2d(nn.Conv2d):
-    """``nn.Conv2d`` with orthogonal init, divided by its conv *operator's* sigma at
-    ``input_size`` (given, or taken from the first forward): a 1-Lipschitz convolution."""
-
-    def __init__(self, in_channels: int, out_channels: int, kernel_size, stride=1, padding=0,
-                 dilation=1, groups: int = 1, bias: bool = True, padding_mode: str = "zeros",
-                 input_size=None, n_power_iterations: int = 1, **kwargs):
-        super().__init__(in_channels, out_channels, kernel_size, stride, padding, dilation,
-                         groups, bias, padding_mode, **kwargs)
-        nn.init.orthogonal_(self.weight)
-        if self.bias is not None:
-            nn.init.zeros_(self.bias)
-        spectral_norm(self, n_power_iterations=n_power_iterations, mode="operator",
-                      input_size=input_size)
-
-
-class ScaledAvgPool2d(nn.AvgPool2d):
-    """Average pooling rescaled to Lipschitz constant 1: multiplied by 1 / sigma of the pooling
-    operator at the input's size (sqrt(kh * kw) for non-overlapping windows without padding;
-    otherwise computed once per input size by power iteration to convergence)."""
-
-    def __init__(self, kernel_size, stride=None, padding=0):
-        super().__init__(kernel_size, stride, padding)
-        self._scales = {}
-
-    def _scale(self, size: Tuple[int, int]) -> float:
-        k = _as_pair(self.kernel_size)
-        s = _as_pair(self.stride if self.stride is not None else self.kernel_size)
-        p = _as_pair(self.padding)
-        if s == k and p == (0, 0):
-            return (k[0] * k[1]) ** 0.5
-        if size not in self._scales:
-            w = torch.full((1, 1, *k), 1.0 / (k[0] * k[1]), dtype=torch.float64)
-            r = fused_power_iter([w], [ConvSpec(size, stride=s, padding=p)], n_iters=500,
-                                 tol=1e-12, generator=torch.Generator().manual_seed(0))
-            self._scales[size] = 1.0 / float(r.sigmas[0])
-        return self._scales[size]
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return super().forward(x) * self._scale(tuple(x.shape[-2:]))
-
-
-def _as_pair(v):
-    return tuple(v) if isinstance(v, (tuple, list)) else (v, v)

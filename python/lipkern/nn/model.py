@@ -1,0 +1,473 @@
+"""``lipkern.nn.spectral_norm_model``: spectral normalization of every Linear/Conv of a model,
+all sigmas of one forward in ONE fused call.
+
+Per layer it is :func:`lipkern.nn.spectral_norm` (torch's parametrization): the same buffers
+and state_dict keys (``<layer>.parametrizations.weight.original``, ``...weight.0._u``,
+``...weight.0._v``), the same random draws and 15 warm-up iterations at registration, per
+training forward ``n_power_iterations`` of torch's update, none in eval, and
+``sigma = u^T W v``. What changes is where the work runs: a forward pre-hook on the model runs
+:func:`lipkern.fused_power_iter` (``variant="spectral_norm"``) once for all layers, and each
+layer's parametrization divides by its entry. The vectors of all layers live in two packed
+buffers; each layer's ``_u``/``_v`` buffers are views into them, so ``load_state_dict``,
+DDP's buffer broadcast and checkpoint tools read and write the packed storage directly.
+
+Differences from per-layer spectral_norm, all deliberate:
+
+* a layer called twice in one model forward is normalized once (as under
+  ``torch.nn.utils.parametrize.cached()``); a weight read outside a model forward is
+  normalized on its own (the per-layer path, with the same train/eval rules);
+* the layers do not materialize ``W / sigma``: during a model forward each normalized layer
+  computes ``layer(x; W) / sigma + b`` (:mod:`lipkern.nn.scaled_layer`), the same function
+  with the same gradient, at O(output) instead of two weight-sized passes and allocations
+  per step. Layers it cannot take (string ``padding='same'``, ``output_size=`` of transposed
+  convs, autocast) use the weight parametrization (division by the fused call's sigma);
+* ``cache_eval=True``: eval forwards reuse the sigmas (and vectors) of the first eval forward
+  until a weight or a vector changes or the model goes back to training: zero power
+  iterations per eval forward. Gradients still reach the weights through the layers (the
+  cached sigma is a constant there, as eval-mode u and v are anyway).
+"""
+from __future__ import annotations
+
+from typing import Callable, Iterable, List, Optional, Sequence, Tuple, Union
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.nn.utils import parametrize
+
+from ..layout import Layout, PowerIterState, layout_for
+from ..power_iter import fused_power_iter
+from ..spec import ConvSpec
+from ..validate import compute_dtype
+from .parametrization import _TRANSPOSED, _spec_from_module, make_picklable
+from .scaled_layer import ScaledLayer, dense_rank1, operator_rank1
+
+__all__ = ["spectral_norm_model", "remove_spectral_norm_model", "SpectralNormGroup",
+           "GroupedSpectralNorm", "DEFAULT_TYPES", "SUPPORTED_TYPES"]
+
+DEFAULT_TYPES = (nn.Linear, nn.Conv1d, nn.Conv2d)
+SUPPORTED_TYPES = DEFAULT_TYPES + (nn.ConvTranspose1d, nn.ConvTranspose2d)
+_ATTR = "_lipkern_spectral_norm"
+
+
+class GroupedSpectralNorm(nn.Module):
+    """The parametrization of one layer of a :class:`SpectralNormGroup`
+    (``<layer>.parametrizations.weight[0]``): buffers ``_u`` (rows / output space) and ``_v``
+    (columns / input space) are views into the group's packed vectors."""
+
+    def __init__(self, group: "SpectralNormGroup", index: int, u: torch.Tensor,
+                 v: torch.Tensor):
+        super().__init__()
+        self.group = group  # a plain object: not a submodule, not in the state_dict
+        self.index = index
+        self.register_buffer("_u", u)
+        self.register_buffer("_v", v)
+        self._registering = False
+
+    def forward(self, weight: torch.Tensor) -> torch.Tensor:
+        if self._registering:  # register_parametrization's shape/dtype check
+            return weight
+        return self.group.normalized(self.index, weight)
+
+    def right_inverse(self, value: torch.Tensor) -> torch.Tensor:
+        return value
+
+    def extra_repr(self) -> str:
+        return f"index={self.index}"
+
+    def _lipkern_install(self, module: nn.Module) -> None:
+        """Route the layer's forward through the group (called at registration and when a
+        pickled or deep-copied model is rebuilt)."""
+        type(module).forward = _grouped_forward
+
+
+def _grouped_forward(self, input):
+    p = self.parametrizations.weight[0]
+    return p.group.layer_forward(p.index, self, input)
+
+
+class SpectralNormGroup:
+    """All normalized layers of one model and their packed power-iteration state.
+
+    Attributes: ``modules`` (the L layers, model order), ``names`` (their qualified names),
+    ``specs`` (None: the weight as torch's matrix; ConvSpec: the conv operator), ``dims``
+    (torch's ``dim``: 1 for transposed convs in matrix mode), ``layout`` (packing of the
+    vectors), ``u``/``v`` (packed (total_y,) / (total_x,) buffers in the weights' dtype).
+    """
+
+    def __init__(self, modules: Sequence[nn.Module], names: Sequence[str],
+                 specs: Sequence[Optional[ConvSpec]], dims: Sequence[int],
+                 n_power_iterations: int, eps: float, backend: str, cache_eval: bool):
+        self.modules = list(modules)
+        self.names = list(names)
+        self.specs = tuple(specs)
+        self.dims = tuple(dims)
+        self.n_power_iterations = n_power_iterations
+        self.eps = eps
+        self.backend = backend
+        self.cache_eval = cache_eval
+        self.layout: Optional[Layout] = None
+        self.u: Optional[torch.Tensor] = None
+        self.v: Optional[torch.Tensor] = None
+        # set for the duration of one model forward: sigmas (L,) and the packed vectors of
+        # sigma = u^T A x (the fused call's state)
+        self._sigmas: Optional[torch.Tensor] = None
+        self._sigma_list = self._u_list = self._x_list = None
+        self._scaled_ok = False  # this forward may use ScaledLayer
+        self._eval_cache = None  # (key, sigmas, state) of cache_eval
+        self.conv_args = [_conv_args(m) for m in self.modules]  # False: division path
+        self.fast = [c is not False for c in self.conv_args]
+        self.calls = 0  # fused calls made (for tests and curious users)
+
+    # ------------------------------------------------------------ the layers
+    def params(self) -> List[GroupedSpectralNorm]:
+        return [m.parametrizations.weight[0] for m in self.modules]
+
+    def originals(self) -> List[torch.Tensor]:
+        return [m.parametrizations.weight.original for m in self.modules]
+
+    def op_weight(self, i: int, w: torch.Tensor) -> torch.Tensor:
+        """Layer i's weight as the fused op reads it (torch's matrix: ``dim`` first)."""
+        return w if self.dims[i] == 0 else w.movedim(self.dims[i], 0)
+
+    def _layout_of(self, shapes) -> Layout:
+        return layout_for(shapes, self.specs)
+
+    # ------------------------------------------------------------ packed vectors
+    def pack(self, us: Sequence[torch.Tensor], vs: Sequence[torch.Tensor]) -> None:
+        """Concatenate per-layer vectors into the packed buffers and make each layer's
+        ``_u``/``_v`` a view into them."""
+        self.u = torch.cat([u.reshape(-1) for u in us])
+        self.v = torch.cat([v.reshape(-1) for v in vs])
+        lay = self.layout
+        self._views = []
+        for i, p in enumerate(self.params()):
+            p._buffers["_u"] = self.u[lay.y_slice(i)]
+            p._buffers["_v"] = self.v[lay.x_slice(i)]
+            self._views.append((p._buffers["_u"], p._buffers["_v"]))
+
+    def _ensure_packed(self, params: List[GroupedSpectralNorm]) -> None:
+        """``module.to()``/``.double()`` or ``load_state_dict(assign=True)`` replace buffers
+        with fresh tensors: re-pack whenever a layer's buffer is no longer our view (an
+        identity test per layer: in-place writes such as load_state_dict keep the views)."""
+        for p, (u, v) in zip(params, self._views):
+            if p._buffers["_u"] is not u or p._buffers["_v"] is not v:
+                self.pack([q._buffers["_u"] for q in params], [q._buffers["_v"] for q in params])
+                return
+
+    # ------------------------------------------------------------ one fused call
+    def _run(self, weights, state_v, state_u, specs, n_iters):
+        cdtype = compute_dtype(weights[0].dtype)
+        meta = layout_for(tuple(tuple(w.shape) for w in weights), specs).meta
+        state = PowerIterState(state_v.to(cdtype), state_u.to(cdtype), meta)
+        return fused_power_iter(weights, specs, state=state, n_iters=n_iters, eps=self.eps,
+                                backend=self.backend, check_finite=False,
+                                variant="spectral_norm")
+
+    @staticmethod
+    def _in_vmap(t: torch.Tensor) -> bool:
+        try:
+            return torch._C._functorch.is_batchedtensor(t)
+        except AttributeError:  # pragma: no cover
+            return False
+
+    def begin_forward(self) -> None:
+        """The model's forward pre-hook: every sigma of this forward in one fused call."""
+        params = self.params()
+        training = params[0].training
+        if any(p.training != training for p in params):
+            self._sigmas = None  # mixed train/eval layers: each takes the per-layer path
+            return
+        self._ensure_packed(params)
+        originals = self.originals()
+        self._scaled_ok = not torch.is_autocast_enabled()
+        if not training and self.cache_eval and not torch.compiler.is_compiling():
+            key = self._cache_key(originals)
+            if self._eval_cache is None or self._eval_cache[0] != key:
+                with torch.no_grad():
+                    res = self._run([self.op_weight(i, w) for i, w in enumerate(originals)],
+                                    self.v, self.u, self.specs, 0)
+                self.calls += 1
+                self._eval_cache = (key, res.sigmas, res.state)
+            self._set_current(*self._eval_cache[1:])
+            return
+        self._eval_cache = None
+        # ScaledLayer carries every sigma's gradient itself: the op's own backward (a
+        # weight-sized gradient per layer) is needed only for layers on the division path
+        grad = torch.is_grad_enabled() and not (self._scaled_ok and all(self.fast))
+        with torch.set_grad_enabled(grad):
+            res = self._run([self.op_weight(i, w) for i, w in enumerate(originals)], self.v,
+                            self.u, self.specs, self.n_power_iterations if training else 0)
+        self.calls += 1
+        if training and not self._in_vmap(res.state.x):
+            with torch.no_grad():
+                self.v.copy_(res.state.x)
+                self.u.copy_(res.state.u)
+        self._set_current(res.sigmas, res.state)
+
+    def _set_current(self, sigmas: torch.Tensor, state: PowerIterState) -> None:
+        """This forward's sigmas and vectors, split per layer once (3 ops, not 3 per layer)."""
+        lay = self.layout
+        self._sigmas = sigmas
+        self._sigma_list = sigmas.detach().unbind(0)
+        self._u_list = state.u.split([g.y_numel for g in lay.geoms])
+        self._x_list = state.x.split([g.x_numel for g in lay.geoms])
+
+    def end_forward(self) -> None:
+        """The model's forward hook (also after an exception): later weight reads outside a
+        forward take the per-layer path."""
+        self._sigmas = None
+        self._sigma_list = self._u_list = self._x_list = None
+
+    def _cache_key(self, originals) -> Tuple:
+        return (tuple((w._version, w.data_ptr(), w.dtype, w.device) for w in originals),
+                self.u._version, self.v._version, self.u.data_ptr(), self.v.data_ptr())
+
+    def layer_forward(self, i: int, module: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        """Layer i's forward: ``layer(x; W) / sigma + b`` from this forward's fused call, or
+        the layer's own forward on its parametrized (divided) weight."""
+        conv = self.conv_args[i] if self._sigmas is not None and self._scaled_ok else False
+        if conv is False:
+            return type(module).__bases__[0].forward(module, x)
+        u, v = self._u_list[i], self._x_list[i]
+        rank1 = (dense_rank1(u, v, self.dims[i]) if self.specs[i] is None
+                 else operator_rank1(self.layout.geoms[i], u, v))
+        if conv is not None and module.padding_mode != "zeros":
+            x = F.pad(x, module._reversed_padding_repeated_twice, mode=module.padding_mode)
+        return ScaledLayer.apply(x, module.parametrizations.weight.original, module.bias,
+                                 self._sigma_list[i], rank1, conv)
+
+    # ------------------------------------------------------------ per layer
+    def normalized(self, i: int, weight: torch.Tensor) -> torch.Tensor:
+        """Layer i's normalized weight: its entry of this forward's fused call, or outside a
+        model forward the per-layer computation (same train/eval rules as spectral_norm)."""
+        if self._sigmas is not None:
+            return _divide(weight, self._sigmas[i])
+        p = self.modules[i].parametrizations.weight[0]
+        training = p.training
+        u, v = p._buffers["_u"], p._buffers["_v"]
+        res = self._run([self.op_weight(i, weight)], v, u, (self.specs[i],),
+                        self.n_power_iterations if training else 0)
+        if training and not self._in_vmap(res.state.x):
+            with torch.no_grad():
+                v.copy_(res.state.x)
+                u.copy_(res.state.u)
+        return _divide(weight, res.sigmas[0])
+
+    # ------------------------------------------------------------ hooks (picklable)
+    def pre_hook(self, module, args):
+        self.begin_forward()
+
+    def post_hook(self, module, args, output):
+        self.end_forward()
+
+
+def _conv_args(m: nn.Module):
+    """aten.convolution arguments of a layer (None for Linear), or False where ScaledLayer
+    does not apply (string padding other than 'valid', a transposed conv's output_size)."""
+    if isinstance(m, nn.Linear):
+        return None
+    n = len(m.kernel_size)
+    padding = m.padding
+    if isinstance(padding, str):
+        if padding != "valid":
+            return False
+        padding = (0,) * n
+    if m.padding_mode != "zeros":
+        padding = (0,) * n  # the input is padded by F.pad first
+    transposed = isinstance(m, _TRANSPOSED)
+    return (tuple(m.stride), tuple(padding), tuple(m.dilation), transposed,
+            tuple(m.output_padding) if transposed else (0,) * n, m.groups)
+
+
+def _divide(weight: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+    """weight / sigma, in float32 for half-precision weights (as spectral_norm does)."""
+    if weight.dtype in (torch.float16, torch.bfloat16):
+        return (weight.float() / sigma.float()).to(weight.dtype)
+    return weight / sigma.to(weight.dtype)
+
+
+def _select(model: nn.Module, types, names) -> List[Tuple[str, nn.Module]]:
+    if types is None:
+        types = DEFAULT_TYPES
+    types = tuple(types) if isinstance(types, (list, tuple)) else (types,)
+    for t in types:
+        if not (isinstance(t, type) and issubclass(t, SUPPORTED_TYPES)):
+            raise TypeError(f"types: {t!r} is not one of (or a subclass of) "
+                            f"{[c.__name__ for c in SUPPORTED_TYPES]}")
+    if names is not None and not callable(names):
+        wanted = set(names)
+    out = []
+    for qname, m in model.named_modules():
+        if not isinstance(m, types):
+            continue
+        if names is not None and not (names(qname, m) if callable(names) else qname in wanted):
+            continue
+        out.append((qname, m))
+    if names is not None and not callable(names):
+        missing = wanted - {q for q, _ in out}
+        if missing:
+            raise ValueError(f"names: {sorted(missing)} are not layers of the selected types "
+                             f"in this model")
+    if not out:
+        raise ValueError("model has no layer to normalize (types="
+                         f"{[t.__name__ for t in types]}, names={names!r})")
+    return out
+
+
+def _capture_input_sizes(model: nn.Module, targets, example_input) -> List[Optional[Tuple]]:
+    """Run ``model(example_input)`` once in eval mode and no_grad, recording the spatial size
+    of every target's input."""
+    sizes: dict = {}
+    handles = []
+    for qname, m in targets:
+        def hook(mod, args, qname=qname):
+            sizes.setdefault(qname, tuple(args[0].shape[2:]))
+        handles.append(m.register_forward_pre_hook(hook))
+    was_training = model.training
+    try:
+        model.eval()
+        with torch.no_grad():
+            model(*example_input) if isinstance(example_input, tuple) else model(example_input)
+    finally:
+        model.train(was_training)
+        for h in handles:
+            h.remove()
+    missing = [q for q, _ in targets if q not in sizes]
+    if missing:
+        raise ValueError(f"example_input: layers {missing} did not run in model(example_input); "
+                         f"exclude them with names= or types=")
+    return [sizes[q] for q, _ in targets]
+
+
+def spectral_norm_model(model: nn.Module, example_input=None, *, n_power_iterations: int = 1,
+                        eps: float = 1e-12,
+                        types: Union[None, type, Sequence[type]] = None,
+                        names: Union[None, Iterable[str], Callable[[str, nn.Module], bool]] = None,
+                        mode: str = "matrix", cache_eval: bool = False,
+                        backend: str = "auto") -> nn.Module:
+    """Spectrally normalize every selected layer of ``model`` in place, with ONE fused call
+    (one ``lipkern::`` op) per model forward for all of them. Returns the model.
+
+    Per layer this is :func:`lipkern.nn.spectral_norm` with the same arguments: the same
+    values, gradients, buffers and state_dict keys as
+    ``torch.nn.utils.parametrizations.spectral_norm`` (``mode="matrix"``).
+
+    Args:
+        model: any module; its forward pre-hook runs the fused call.
+        example_input: a tensor (or tuple of positional inputs) for one forward; needed by
+            ``mode="operator"`` to learn each conv's input size.
+        n_power_iterations, eps: as in spectral_norm (per training forward; eval: none).
+        types: layer classes to normalize (default Linear, Conv1d, Conv2d; ConvTranspose1d/2d
+            are also supported, with torch's ``dim=1``).
+        names: qualified names to normalize (an iterable, checked to exist) or a predicate
+            ``f(name, module) -> bool``; None: every layer of ``types``.
+        mode: "matrix" (torch's reshaped weight) or "operator" (convs divided by the sigma of
+            the conv operator at their input size: truly 1-Lipschitz layers).
+        cache_eval: reuse the eval-mode normalized weights across eval forwards (see module
+            docstring: zero power iterations, no weight gradient in eval).
+        backend: as in :func:`lipkern.fused_power_iter`.
+
+    Remove with :func:`remove_spectral_norm_model`.
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    if getattr(model, _ATTR, None) is not None:
+        raise ValueError("model already has spectral_norm_model applied; call "
+                         "remove_spectral_norm_model(model) first")
+    if isinstance(n_power_iterations, bool) or not isinstance(n_power_iterations, int) \
+            or n_power_iterations <= 0:
+        raise ValueError(f"n_power_iterations must be a positive int, got {n_power_iterations!r}")
+    if not (isinstance(eps, (int, float)) and eps > 0):
+        raise ValueError(f"eps must be a float > 0, got {eps!r}")
+    if mode not in ("matrix", "operator"):
+        raise ValueError(f"mode must be 'matrix' or 'operator', got {mode!r}")
+    targets = _select(model, types, names)
+    first = targets[0][1].weight
+    for qname, m in targets:
+        if parametrize.is_parametrized(m, "weight"):
+            raise ValueError(f"{qname}.weight is already parametrized (e.g. by spectral_norm); "
+                             f"remove that first or exclude it with names=")
+        w = m.weight
+        if w.device != first.device or w.dtype != first.dtype:
+            raise ValueError(f"{qname}.weight is {w.dtype} on {w.device} but "
+                             f"{targets[0][0]}.weight is {first.dtype} on {first.device}: one "
+                             f"fused call needs one dtype and device")
+        if not torch.isfinite(w).all():
+            raise ValueError(f"{qname}.weight contains NaN or Inf values")
+    specs: List[Optional[ConvSpec]] = [None] * len(targets)
+    if mode == "operator":
+        if example_input is None:
+            raise ValueError("mode='operator' needs example_input (one forward gives each "
+                             "conv's input size)")
+        sizes = _capture_input_sizes(model, targets, example_input)
+        specs = [None if isinstance(m, nn.Linear) else _spec_from_module(m, size)
+                 for (_, m), size in zip(targets, sizes)]
+    dims = [1 if isinstance(m, _TRANSPOSED) and spec is None else 0
+            for (_, m), spec in zip(targets, specs)]
+    group = SpectralNormGroup([m for _, m in targets], [q for q, _ in targets], specs, dims,
+                              n_power_iterations, eps, backend, cache_eval)
+    weights = [group.op_weight(i, m.weight.detach()) for i, (_, m) in enumerate(targets)]
+    group.layout = layout_for(tuple(tuple(w.shape) for w in weights), group.specs)
+    us, vs = _initial_vectors(group, weights)
+    # torch's 15 warm-up iterations, plus the training-mode forward that
+    # register_parametrization runs once: all layers in one call
+    with torch.no_grad():
+        res = group._run(weights, torch.cat(vs), torch.cat(us), group.specs,
+                         15 + n_power_iterations)
+    lay = group.layout
+    us = [res.state.u[lay.y_slice(i)].to(first.dtype) for i in range(len(targets))]
+    vs = [res.state.x[lay.x_slice(i)].to(first.dtype) for i in range(len(targets))]
+    for i, (_, m) in enumerate(targets):
+        param = GroupedSpectralNorm(group, i, us[i], vs[i])
+        param._registering = True
+        try:
+            parametrize.register_parametrization(m, "weight", param)
+        finally:
+            param._registering = False
+        make_picklable(m)
+        param._lipkern_install(m)
+    group.pack(us, vs)
+    handles = (model.register_forward_pre_hook(group.pre_hook),
+               model.register_forward_hook(group.post_hook, always_call=True))
+    group.hook_ids = tuple(h.id for h in handles)
+    setattr(model, _ATTR, group)
+    return model
+
+
+def _initial_vectors(group: SpectralNormGroup, weights):
+    """Cold-start vectors drawn exactly as per-layer spectral_norm draws them, layer by
+    layer in model order (so equal seeds give equal vectors): matrix mode u then v from
+    ``normal_`` on the weight's device, operator mode x then u from the CPU generator."""
+    us, vs = [], []
+    lay = group.layout
+    for i, w in enumerate(weights):
+        g = lay.geoms[i]
+        if group.specs[i] is None:
+            mat = w.flatten(1)
+            u = F.normalize(mat.new_empty(mat.shape[0]).normal_(0, 1), dim=0, eps=group.eps)
+            v = F.normalize(mat.new_empty(mat.shape[1]).normal_(0, 1), dim=0, eps=group.eps)
+        else:
+            v = torch.randn(g.x_numel, dtype=torch.float32).to(w.device, w.dtype)
+            u = torch.randn(g.y_numel, dtype=torch.float32).to(w.device, w.dtype)
+        us.append(u)
+        vs.append(v)
+    return us, vs
+
+
+def remove_spectral_norm_model(model: nn.Module, leave_parametrized: bool = True) -> nn.Module:
+    """Undo :func:`spectral_norm_model`: remove the hooks and every layer's parametrization
+    (``leave_parametrized=True`` keeps the current normalized weights, as torch's
+    ``remove_parametrizations`` does)."""
+    group = getattr(model, _ATTR, None)
+    if group is None:
+        raise ValueError("model has no spectral_norm_model to remove")
+    for hid in group.hook_ids:
+        model._forward_pre_hooks.pop(hid, None)
+        model._forward_hooks.pop(hid, None)
+        model._forward_hooks_always_called.pop(hid, None)
+    for m in group.modules:
+        del type(m).forward  # back to the class's own forward
+        parametrize.remove_parametrizations(m, "weight", leave_parametrized=leave_parametrized)
+    delattr(model, _ATTR)
+    return model

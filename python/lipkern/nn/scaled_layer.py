@@ -1,0 +1,102 @@
+"""A normalized layer without a normalized weight: ``y = layer(x; W) / sigma + b``.
+
+``layer(x; W / sigma) + b`` and ``layer(x; W) / sigma + b`` are the same function; the second
+never materializes ``W / sigma`` (a full pass over W, and a fresh weight-sized tensor, in the
+forward and again in the backward) and costs O(output) instead. The gradient is the one of
+spectral_norm, where ``sigma = u^T W v`` with u, v held constant:
+
+    g_z = g_y / sigma,   g_sigma = -<g_z, z> / sigma,   g_x = layer^T(g_z),
+    g_W = (g_z)^T x  +  g_sigma * dsigma/dW,   dsigma/dW = u v^T (torch's matrix) or the conv
+    weight gradient of (v, u) (the conv operator)
+
+and the rank-one term is added in place into the GEMM's weight gradient (no weight-sized
+allocation). Inputs: x (B, ..., in) or (B, C, [H,] W); w the layer's own weight; sigma 0-d
+(float32); ``rank1(g_sigma, g_w)`` adds g_sigma * dsigma/dW into g_w in place.
+"""
+from __future__ import annotations
+
+from typing import Callable, Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+
+ConvArgs = Tuple[tuple, tuple, tuple, bool, tuple, int]  # stride, padding, dilation, transposed,
+#                                                          output_padding, groups
+
+
+class ScaledLayer(torch.autograd.Function):
+    """y = layer(x; w) / sigma + b with spectral_norm's gradient (module docstring)."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, w: torch.Tensor, b: Optional[torch.Tensor],
+                sigma: torch.Tensor, rank1: Callable, conv: Optional[ConvArgs]):
+        z = F.linear(x, w) if conv is None else torch.ops.aten.convolution(x, w, None, *conv)
+        s = sigma if sigma.dtype == z.dtype else sigma.to(z.dtype)
+        if b is None:
+            y = z / s
+        else:  # b + z / s in one op
+            y = torch.addcdiv(b if conv is None else b.view(-1, *([1] * (z.dim() - 2))), z, s)
+        ctx.save_for_backward(x, w, z, s)
+        ctx.rank1, ctx.conv, ctx.has_b = rank1, conv, b is not None
+        return y
+
+    @staticmethod
+    def backward(ctx, gy: torch.Tensor):
+        x, w, z, s = ctx.saved_tensors
+        gz = gy / s
+        g_sigma = torch.vdot(gz.reshape(-1), z.reshape(-1)).div_(s).neg_()
+        need_x, need_w, need_b = ctx.needs_input_grad[:3]
+        gx = gw = gb = None
+        if ctx.conv is None:
+            if need_x:
+                gx = gz @ w
+            if need_w:
+                gz2, x2 = gz.reshape(-1, gz.shape[-1]), x.reshape(-1, x.shape[-1])
+                rows = getattr(ctx.rank1, "rows", None)
+                if rows is not None:  # the rank-one term as one more row of the GEMM
+                    ur, vr = rows(g_sigma, gz2.dtype)
+                    gw = torch.cat([gz2, ur]).t() @ torch.cat([x2, vr])
+                    need_w = False  # done
+                else:
+                    gw = gz2.t() @ x2
+            if need_b:
+                gb = gy.reshape(-1, gy.shape[-1]).sum(0)
+        else:
+            gx, gw, _ = torch.ops.aten.convolution_backward(
+                gz, x, w, None, *ctx.conv, [need_x, need_w, False])
+            if need_b:
+                gb = gy.sum(dim=[d for d in range(gy.dim()) if d != 1])
+        if need_w:
+            ctx.rank1(g_sigma, gw)
+        return gx, gw, gb, None, None, None
+
+
+class dense_rank1:
+    """dsigma/dW = u v^T for torch's matrix of W (``dim`` first, then flattened). Called,
+    adds g_sigma u v^T into g_w in place (a K=1 GEMM); ``rows`` gives the pair of rows that
+    fold it into a Linear layer's weight-gradient GEMM instead."""
+
+    def __init__(self, u: torch.Tensor, v: torch.Tensor, dim: int):
+        self.u, self.v, self.dim = u, v, dim
+        if dim != 0:
+            self.rows = None
+
+    def rows(self, g_sigma: torch.Tensor, dtype: torch.dtype):
+        return ((self.u * g_sigma).to(dtype)[None], self.v.to(dtype)[None])
+
+    def __call__(self, g_sigma: torch.Tensor, gw: torch.Tensor) -> None:
+        uu = (self.u * g_sigma).to(gw.dtype)[:, None]
+        if self.dim == 0:
+            gw.view(gw.shape[0], -1).addmm_(uu, self.v.to(gw.dtype)[None])
+        else:
+            mat = uu @ self.v.to(gw.dtype)[None]
+            gw.add_(mat.view(gw.movedim(self.dim, 0).shape).movedim(0, self.dim))
+
+
+def operator_rank1(geom, u: torch.Tensor, v: torch.Tensor):
+    """dsigma/dW for the conv operator: the conv weight gradient of (v, u)."""
+    from ..reference import weight_grad
+
+    def add(g_sigma: torch.Tensor, gw: torch.Tensor) -> None:
+        gw.add_(weight_grad(geom, v, u).view(gw.shape).to(gw.dtype) * g_sigma.to(gw.dtype))
+    return add
