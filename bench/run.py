@@ -4,6 +4,7 @@
     python bench/run.py accuracy   [--workload toy|resnet18 ...]
     python bench/run.py bound      [--n-iters 5 ...]
     python bench/run.py cpu_targets
+    python bench/run.py spectral_norm [--workload mlp|critic ...]
 
 Each script also runs on its own (python bench/bench_<name>.py --help).
 """
@@ -13,6 +14,7 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 SCRIPTS = {"power_iter": "bench_power_iter", "accuracy": "bench_accuracy",
+           "spectral_norm": "bench_spectral_norm",
            "bound": "bench_bound", "cpu_targets": "bench_cpu_targets"}
 
 

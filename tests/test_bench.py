@@ -44,3 +44,14 @@ def test_sweep_and_accuracy_quick(tmp_path, capsys):
 def test_entry_point_lists_scripts(capsys):
     import run
     assert run.main([]) == 2 and "power_iter" in capsys.readouterr().out
+
+
+def test_spectral_norm_bench_runs(tmp_path, capsys):
+    import bench_spectral_norm
+    out = tmp_path / "sn.jsonl"
+    bench_spectral_norm.main(["--workload", "mlp", "--batch", "2", "--reps", "1",
+                              "--warmup", "1", "--no-deel", "--out", str(out)])
+    text = capsys.readouterr().out
+    assert "torch_sn" in text and "lipkern" in text and "overhead ms" in text
+    row = json.loads(out.read_text().splitlines()[0])
+    assert set(row["median_ms"]) == {"plain", "torch_sn", "lipkern"} and row["layers"] == 100

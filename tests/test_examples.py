@@ -20,3 +20,13 @@ def test_ddp_example_runs():
                           "--world", "2"], capture_output=True, text=True, timeout=240)
     assert out.returncode == 0, out.stderr[-3000:]
     assert "step 9" in out.stdout
+
+
+def test_readme_whole_model_example_runs(capsys):
+    """The README's spectral_norm_model block, executed as written."""
+    text = open(os.path.join(ROOT, "README.md")).read()
+    block = text[text.index("## Spectral norm for a whole model"):]
+    code = block[block.index("```python") + len("```python"):]
+    code = code[:code.index("```")]
+    exec(compile(code, "README.md", "exec"), {})
+    assert "torch.Size([2, 1])" in capsys.readouterr().out

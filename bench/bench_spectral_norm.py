@@ -1,0 +1,184 @@
+"""Spectral normalization per training step: what a user pays for it, side by side.
+
+    python bench/bench_spectral_norm.py [--workload mlp|critic|all] [--batch N] [--reps N]
+
+Providers (same model weights, same inputs, same run, round-robin timed):
+  plain       the unnormalized model
+  torch_sn    torch.nn.utils.parametrizations.spectral_norm on every layer
+  deel        deel-torchlip SpectralLinear / SpectralConv2d (if installed; note it also
+              orthonormalizes (Bjorck) -- a different, costlier normalization)
+  lipkern     lipkern.nn.spectral_norm_model (one fused call per forward)
+
+The figure that matters is the overhead: step time minus plain's step time. Workloads: a
+100-layer MLP of width 512 (ReLU), and an SNGAN-style CIFAR critic (Miyato et al. 2018:
+3x3/4x4 convs 64-128-256-512, LeakyReLU 0.1, linear head) on 32x32 inputs.
+Prints a table and appends JSON rows to bench/results/spectral_norm.jsonl.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import datetime
+import json
+import os
+import statistics
+import sys
+import time
+
+import torch
+import torch.nn as nn
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import lipkern  # noqa: E402
+from bench_power_iter import device_name, versions  # noqa: E402
+
+RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results",
+                       "spectral_norm.jsonl")
+
+
+def mlp(depth=100, width=512):
+    layers = []
+    for _ in range(depth):
+        layers += [nn.Linear(width, width), nn.ReLU()]
+    return nn.Sequential(*layers)
+
+
+def sngan_critic():
+    act = lambda: nn.LeakyReLU(0.1)  # noqa: E731
+    chans = [(3, 64, 3, 1), (64, 64, 4, 2), (64, 128, 3, 1), (128, 128, 4, 2),
+             (128, 256, 3, 1), (256, 256, 4, 2), (256, 512, 3, 1)]
+    layers = []
+    for cin, cout, k, s in chans:
+        layers += [nn.Conv2d(cin, cout, k, s, padding=1), act()]
+    layers += [nn.Flatten(), nn.Linear(512 * 4 * 4, 1)]
+    return nn.Sequential(*layers)
+
+
+WORKLOADS = {"mlp": (mlp, lambda b: torch.randn(b, 512)),
+             "critic": (sngan_critic, lambda b: torch.randn(b, 3, 32, 32))}
+DEFAULT_BATCH = {"mlp": 8, "critic": 16}
+
+
+def _layers(model):
+    return [m for m in model.modules() if isinstance(m, (nn.Linear, nn.Conv2d))]
+
+
+def make_torch_sn(base):
+    m = copy.deepcopy(base)
+    for layer in _layers(m):
+        torch.nn.utils.parametrizations.spectral_norm(layer)
+    return m
+
+
+def make_lipkern(base):
+    return lipkern.nn.spectral_norm_model(copy.deepcopy(base))
+
+
+def make_deel(base):
+    """The same architecture from deel-torchlip's layers, weights copied in."""
+    from deel.torchlip import SpectralConv2d, SpectralLinear
+    m = copy.deepcopy(base)
+    for name, layer in list(m.named_children()):
+        if isinstance(layer, nn.Linear):
+            new = SpectralLinear(layer.in_features, layer.out_features)
+        elif isinstance(layer, nn.Conv2d):
+            new = SpectralConv2d(layer.in_channels, layer.out_channels, layer.kernel_size,
+                                 stride=layer.stride, padding=layer.padding)
+        else:
+            continue
+        with torch.no_grad():
+            new.parametrizations.weight.original.copy_(layer.weight)
+            new.bias.copy_(layer.bias)
+        setattr(m, name, new)
+    return m
+
+
+def providers(include_deel=True):
+    out = {"plain": lambda b: copy.deepcopy(b), "torch_sn": make_torch_sn,
+           "lipkern": make_lipkern}
+    if include_deel:
+        try:
+            import deel.torchlip  # noqa: F401
+            out["deel"] = make_deel
+        except ImportError:
+            print("(deel-torchlip not installed: pip install '.[bench]' to compare with it)")
+    return out
+
+
+def step_fn(model, x):
+    opt = torch.optim.SGD(model.parameters(), lr=1e-4)
+
+    def step():
+        opt.zero_grad()
+        model(x).square().mean().backward()
+        opt.step()
+    return step
+
+
+def measure(workload, batch, reps, warmup, include_deel=True, device="cpu"):
+    make_model, make_x = WORKLOADS[workload]
+    torch.manual_seed(0)
+    base = make_model().to(device)
+    x = make_x(batch).to(device)
+    steps = {name: step_fn(make(base), x) for name, make in providers(include_deel).items()}
+    for f in steps.values():
+        for _ in range(warmup):
+            f()
+    times = {n: [] for n in steps}
+    for _ in range(reps):  # round-robin: this machine's speed drifts
+        for n, f in steps.items():
+            if device != "cpu":
+                torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            f()
+            if device != "cpu":
+                torch.cuda.synchronize()
+            times[n].append(time.perf_counter() - t0)
+    return {n: statistics.median(t) * 1e3 for n, t in times.items()}, \
+        {n: min(t) * 1e3 for n, t in times.items()}, len(_layers(base))
+
+
+def print_table(workload, batch, n_layers, med, best):
+    plain = med["plain"]
+    torch_over = med["torch_sn"] - plain
+    print(f"\n{workload}: {n_layers} normalized layers, batch {batch} -- per training step "
+          f"(fwd+bwd+SGD), median ms")
+    print(f"{'provider':10s} {'step ms':>9s} {'min ms':>9s} {'overhead ms':>12s} "
+          f"{'torch overhead / this':>22s}")
+    for n, t in med.items():
+        over = t - plain
+        ratio = "" if n == "plain" else f"{torch_over / over:21.2f}x" if over > 0 else \
+            f"{'(within noise)':>22s}"
+        print(f"{n:10s} {t:9.2f} {best[n]:9.2f} {over:12.2f} {ratio}")
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--workload", default="all", choices=["all", *WORKLOADS])
+    ap.add_argument("--batch", type=int, default=None)
+    ap.add_argument("--reps", type=int, default=15)
+    ap.add_argument("--warmup", type=int, default=3)
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--no-deel", action="store_true")
+    ap.add_argument("--no-json", action="store_true")
+    ap.add_argument("--out", default=RESULTS)
+    args = ap.parse_args(argv)
+    names = list(WORKLOADS) if args.workload == "all" else [args.workload]
+    for w in names:
+        batch = args.batch or DEFAULT_BATCH[w]
+        med, best, n_layers = measure(w, batch, args.reps, args.warmup, not args.no_deel,
+                                      args.device)
+        print_table(w, batch, n_layers, med, best)
+        if not args.no_json:
+            os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+            with open(args.out, "a") as f:
+                f.write(json.dumps(dict(
+                    bench="spectral_norm", workload=w, batch=batch, layers=n_layers,
+                    median_ms=med, min_ms=best,
+                    overhead_ms={n: med[n] - med["plain"] for n in med},
+                    device=device_name(torch.device(args.device)), versions=versions(),
+                    date=datetime.date.today().isoformat(), reps=args.reps)) + "\n")
+
+
+if __name__ == "__main__":
+    main()
