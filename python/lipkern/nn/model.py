@@ -39,7 +39,7 @@ from ..layout import Layout, PowerIterState, layout_for
 from ..power_iter import fused_power_iter
 from ..spec import ConvSpec
 from ..validate import compute_dtype
-from .parametrization import _TRANSPOSED, _spec_from_module, make_picklable
+from .parametrization import _TRANSPOSED, _in_vmap, _spec_from_module, make_picklable
 from .scaled_layer import ScaledLayer, dense_rank1, operator_rank1
 
 __all__ = ["spectral_norm_model", "remove_spectral_norm_model", "SpectralNormGroup",
@@ -130,9 +130,6 @@ class SpectralNormGroup:
         """Layer i's weight as the fused op reads it (torch's matrix: ``dim`` first)."""
         return w if self.dims[i] == 0 else w.movedim(self.dims[i], 0)
 
-    def _layout_of(self, shapes) -> Layout:
-        return layout_for(shapes, self.specs)
-
     # ------------------------------------------------------------ packed vectors
     def pack(self, us: Sequence[torch.Tensor], vs: Sequence[torch.Tensor]) -> None:
         """Concatenate per-layer vectors into the packed buffers and make each layer's
@@ -165,11 +162,13 @@ class SpectralNormGroup:
                                 variant="spectral_norm")
 
     @staticmethod
-    def _in_vmap(t: torch.Tensor) -> bool:
-        try:
-            return torch._C._functorch.is_batchedtensor(t)
-        except AttributeError:  # pragma: no cover
-            return False
+    def _store(state: PowerIterState, v: torch.Tensor, u: torch.Tensor) -> None:
+        """A training forward's vectors into the buffers, in place (DDP broadcasts into them),
+        except under vmap, where a batched value cannot go into an unbatched buffer."""
+        if not _in_vmap(state.x):
+            with torch.no_grad():
+                v.copy_(state.x)
+                u.copy_(state.u)
 
     def begin_forward(self) -> None:
         """The model's forward pre-hook: every sigma of this forward in one fused call."""
@@ -199,10 +198,8 @@ class SpectralNormGroup:
             res = self._run([self.op_weight(i, w) for i, w in enumerate(originals)], self.v,
                             self.u, self.specs, self.n_power_iterations if training else 0)
         self.calls += 1
-        if training and not self._in_vmap(res.state.x):
-            with torch.no_grad():
-                self.v.copy_(res.state.x)
-                self.u.copy_(res.state.u)
+        if training:
+            self._store(res.state, self.v, self.u)
         self._set_current(res.sigmas, res.state)
 
     def _set_current(self, sigmas: torch.Tensor, state: PowerIterState) -> None:
@@ -248,10 +245,8 @@ class SpectralNormGroup:
         u, v = p._buffers["_u"], p._buffers["_v"]
         res = self._run([self.op_weight(i, weight)], v, u, (self.specs[i],),
                         self.n_power_iterations if training else 0)
-        if training and not self._in_vmap(res.state.x):
-            with torch.no_grad():
-                v.copy_(res.state.x)
-                u.copy_(res.state.u)
+        if training:
+            self._store(res.state, v, u)
         return _divide(weight, res.sigmas[0])
 
     # ------------------------------------------------------------ hooks (picklable)
