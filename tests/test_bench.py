@@ -55,3 +55,6 @@ def test_spectral_norm_bench_runs(tmp_path, capsys):
     assert "torch_sn" in text and "lipkern" in text and "overhead ms" in text
     row = json.loads(out.read_text().splitlines()[0])
     assert set(row["median_ms"]) == {"plain", "torch_sn", "lipkern"} and row["layers"] == 100
+    # work per step is counted for every provider (aten ops on the CPU, kernels on a GPU)
+    assert set(row["launches_per_step"]) == set(row["median_ms"])
+    assert row["launches_per_step"]["torch_sn"] > row["launches_per_step"]["plain"] > 0

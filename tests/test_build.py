@@ -37,6 +37,7 @@ import triton, triton.language as tl
 from triton.compiler import ASTSource
 from triton.backends.compiler import GPUTarget
 from lipkern.triton_kernels import power_iter as k
+from lipkern.triton_kernels import normalize as nk
 
 def compile_(fn, sig, consts, cap):
     full = dict(sig, **{c: "constexpr" for c in consts})
@@ -54,17 +55,28 @@ blocks = dict(META_WIDTH=20, BLOCK_L=16, BLOCK_C=k.BLOCK_C, BLOCK_P=k.BLOCK_P,
 for wt, tlt, gt in (("fp32", tl.float32, "*fp32"), ("bf16", tl.bfloat16, "*bf16"),
                     ("fp16", tl.float16, "*fp16")):
     f32 = "*fp32"
+    # the normalized-weight output with torch's update in a dense-only kernel, as an MLP under
+    # spectral_norm_model uses it; the default update with every layer kind compiled in
     for sn in (False, True):
         compile_(k.power_iter_fwd_kernel,
                  dict(meta_ptr="*i32", wptr_ptr="*i64", x0_ptr=f32, u0_ptr=f32, x_ptr=f32,
                       u_ptr=f32, xn_ptr=f32, sig_ptr=f32, lip_ptr=f32, loglip_ptr=f32,
-                      counter_ptr="*i32", L="i32", n_iters="i32", eps="fp32", tol="fp32"),
-                 dict(W_DTYPE=tlt, SN_VARIANT=sn, BLOCK_V=k.BLOCK_V, **blocks), cap)
+                      counter_ptr="*i32", what_ptr=gt, L="i32", n_iters="i32", eps="fp32",
+                      tol="fp32"),
+                 dict(W_DTYPE=tlt, SN_VARIANT=sn, WRITE_WHAT=sn, HAS_CONV=not sn,
+                      BLOCK_V=k.BLOCK_V, **blocks), cap)
     for has in ((True, True, True), (False, True, False)):
         compile_(k.power_iter_bwd_kernel,
                  dict(meta_ptr="*i32", tiles_ptr="*i32", x_ptr=f32, u_ptr=f32, sig_ptr=f32,
                       gs_ptr=f32, gl_ptr=f32, glog_ptr=f32, grad_ptr=gt, L="i32"),
                  dict(HAS_GS=has[0], HAS_GL=has[1], HAS_GLOG=has[2], **blocks), cap)
+    for has_gs in (False, True):
+        compile_(nk.normalize_bwd_kernel,
+                 dict(meta_ptr="*i32", wptr_ptr="*i64", x_ptr=f32, u_ptr=f32, sig_ptr=f32,
+                      gs_ptr=f32, gwhat_ptr=gt, grad_ptr=gt, L="i32"),
+                 dict(W_DTYPE=tlt, HAS_GS=has_gs, HAS_GWHAT=True, HAS_CONV=has_gs, META_WIDTH=20,
+                      BLOCK_C=k.BLOCK_C, BLOCK_P=k.BLOCK_P, BLOCK_R=k.BLOCK_R,
+                      BLOCK_E=nk.BLOCK_E), cap)
 print("ok")
 """
 

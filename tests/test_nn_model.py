@@ -11,6 +11,9 @@ import lipkern
 from lipkern.nn import remove_spectral_norm_model, spectral_norm_model
 
 CPU_BACKENDS = ["torch", "cpp", "triton"]
+# (backend, strategy): every backend with the scaled-output layers, and the fused-weights
+# strategy (one launch writes every W / sigma), which needs the Triton op
+CPU_PATHS = [(b, "scaled_outputs") for b in CPU_BACKENDS] + [("triton", "fused_weights")]
 
 
 def _backend_ok(backend):
@@ -45,12 +48,12 @@ def _ours(model, **kw):
     return spectral_norm_model(model, **kw)
 
 
-def _train(model, steps=3, seed=5, two_forwards=False):
+def _train(model, steps=3, seed=5, two_forwards=False, device="cpu"):
     opt = torch.optim.SGD(model.parameters(), lr=0.05)
     g = torch.Generator().manual_seed(seed)
     outs = []
     for _ in range(steps):
-        x = torch.randn(4, 3, 8, 8, generator=g)
+        x = torch.randn(4, 3, 8, 8, generator=g).to(device)
         opt.zero_grad()
         y = model(x)
         loss = y.square().mean() + (model(-x).sum() if two_forwards else 0)
@@ -65,8 +68,8 @@ def _buffers(model):
 
 
 @pytest.mark.parametrize("transposed", [False, True], ids=["conv", "conv_transpose"])
-@pytest.mark.parametrize("backend", CPU_BACKENDS)
-def test_matches_torch_per_layer_spectral_norm(backend, transposed):
+@pytest.mark.parametrize("backend,strategy", CPU_PATHS)
+def test_matches_torch_per_layer_spectral_norm(backend, strategy, transposed):
     """Outputs, gradients of every parameter and the vectors over 3 training steps, then an
     eval forward; the same state_dict keys. Tolerances: float32 rounding of different orders
     of summation, compounded over 16 warm-up iterations (measured <= 2e-6 absolute on the
@@ -74,7 +77,7 @@ def test_matches_torch_per_layer_spectral_norm(backend, transposed):
     _backend_ok(backend)
     types = (nn.Linear, nn.Conv2d, nn.ConvTranspose2d)
     want_m = _per_layer_torch(_net(transposed=transposed), types)
-    got_m = _ours(_net(transposed=transposed), types=types, backend=backend)
+    got_m = _ours(_net(transposed=transposed), types=types, backend=backend, strategy=strategy)
     assert set(got_m.state_dict()) == set(want_m.state_dict())
     for k, v in _buffers(want_m).items():
         torch.testing.assert_close(_buffers(got_m)[k], v, rtol=1e-4, atol=1e-5)
@@ -95,10 +98,64 @@ def test_matches_torch_per_layer_spectral_norm(backend, transposed):
     torch.testing.assert_close(got_m[-1].weight, want_m[-1].weight, rtol=1e-4, atol=1e-6)
 
 
-def test_two_forwards_before_one_backward_match_per_layer():
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend,strategy", [("triton", "auto"), ("triton", "scaled_outputs"),
+                                              ("cuda", "auto"), ("torch", "auto")])
+def test_matches_torch_per_layer_spectral_norm_on_gpu(backend, strategy):
+    """The same comparison on CUDA tensors (torch's per-layer spectral_norm draws its vectors
+    from the CUDA generator; ours draws the same ones): 3 training steps, every gradient and
+    vector, then eval. Same tolerances as the CPU test."""
+    why = lipkern.backends._why_not(backend, torch.device("cuda"), torch.float32)
+    if why:
+        pytest.skip(why)
+    types = (nn.Linear, nn.Conv2d, nn.ConvTranspose2d)
+    want_m = _per_layer_torch(_net(transposed=True).cuda(), types)
+    got_m = _ours(_net(transposed=True).cuda(), types=types, backend=backend,
+                  strategy=strategy)
+    for k, v in _buffers(want_m).items():
+        torch.testing.assert_close(_buffers(got_m)[k], v, rtol=1e-4, atol=1e-5)
+    for (yw, gw), (yg, gg) in zip(_train(want_m, device="cuda"), _train(got_m, device="cuda")):
+        torch.testing.assert_close(yg, yw, rtol=1e-4, atol=1e-5)
+        for a, b in zip(gg, gw):
+            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+    for k, v in _buffers(want_m).items():
+        torch.testing.assert_close(_buffers(got_m)[k], v, rtol=1e-4, atol=1e-5)
+    x = torch.randn(2, 3, 8, 8, device="cuda")
+    want_m.eval()
+    got_m.eval()
+    torch.testing.assert_close(got_m(x), want_m(x), rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", ["triton", "cuda"])
+def test_one_fused_kernel_per_forward_on_gpu(backend):
+    """One lipkern:: op per training forward on CUDA, and in it one fused kernel; with Triton
+    ("auto" = fused weights) the whole backward of the normalization is one more kernel."""
+    why = lipkern.backends._why_not(backend, torch.device("cuda"), torch.float32)
+    if why:
+        pytest.skip(why)
+    model = _ours(_net().cuda(), backend=backend)
+    x = torch.randn(2, 3, 8, 8, device="cuda")
+    model(x).sum().backward()
+    torch.cuda.synchronize()
+    from torch.profiler import ProfilerActivity, profile
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        model(x).sum().backward()
+        torch.cuda.synchronize()
+    ops = [e.name for e in prof.events() if e.name.startswith("lipkern::")]
+    assert len([n for n in ops if "backward" not in n]) == 1, ops
+    kernels = [e.name for e in prof.events() if e.device_type.name == "CUDA"]
+    assert len([k for k in kernels if "power_iter" in k]) == 1, kernels
+    assert len([k for k in kernels if "normalize_bwd" in k]) == (backend == "triton"), kernels
+
+
+@pytest.mark.parametrize("backend,strategy", [("auto", "auto"), ("triton", "fused_weights")])
+def test_two_forwards_before_one_backward_match_per_layer(backend, strategy):
+    _backend_ok(backend if backend != "auto" else "torch")
     types = (nn.Linear, nn.Conv2d)
     want = _train(_per_layer_torch(_net(), types), two_forwards=True)
-    got = _train(_ours(_net(), types=types), two_forwards=True)
+    got = _train(_ours(_net(), types=types, backend=backend, strategy=strategy),
+                 two_forwards=True)
     for (yw, gw), (yg, gg) in zip(want, got):
         torch.testing.assert_close(yg, yw, rtol=1e-4, atol=1e-5)
         for a, b in zip(gg, gw):
@@ -127,11 +184,15 @@ def test_one_lipkern_op_per_forward(backend):
     assert group.calls == calls + 1
 
 
-def test_torch_compile_fullgraph_matches_eager():
-    eager = _ours(_net())
+@pytest.mark.parametrize("device,strategy,compiler", [
+    ("cpu", "auto", "aot_eager"),
+    # the Triton op inside an inductor graph (fake tensors of a Triton op need a GPU)
+    pytest.param("cuda", "fused_weights", "inductor", marks=pytest.mark.gpu)])
+def test_torch_compile_fullgraph_matches_eager(device, strategy, compiler):
+    eager = _ours(_net().to(device), strategy=strategy)
     comp_m = copy.deepcopy(eager)
-    compiled = torch.compile(comp_m, fullgraph=True, backend="aot_eager")
-    x = torch.randn(2, 3, 8, 8)
+    compiled = torch.compile(comp_m, fullgraph=True, backend=compiler)
+    x = torch.randn(2, 3, 8, 8, device=device)
     for _ in range(2):
         ye, yc = eager(x), compiled(x)
         torch.testing.assert_close(yc, ye, rtol=1e-5, atol=1e-6)
@@ -262,6 +323,7 @@ def test_selection_by_names_and_types_and_remove():
     (dict(mode="operator"), ValueError, "needs example_input"),
     (dict(mode="exact"), ValueError, "mode must be"),
     (dict(n_power_iterations=0), ValueError, "n_power_iterations"),
+    (dict(strategy="fast"), ValueError, "strategy must be"),
 ])
 def test_bad_arguments(kwargs, exc, match):
     with pytest.raises(exc, match=match):

@@ -223,38 +223,67 @@ def _scale_into(src_ptr, dst_ptr, N, scale, ZERO_SRC, BLOCK_V: tl.constexpr):
 
 @triton.jit
 def _apply_a(kind, w_ptr, x_ptr, y_ptr, xn_ptr, ACCUM, CIN, H, W, COUT, OH, OW, KH, KW,
-             SH, SW, PH, PW, DH, DW, G, CIRC,
+             SH, SW, PH, PW, DH, DW, G, CIRC, HAS_CONV: tl.constexpr,
              BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_R: tl.constexpr,
              BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    """y = A x for the layer's operator; returns ||y||^2 (dense also does xn += W^T y)."""
-    if kind == 0:
-        s2 = _dense_pass(w_ptr, x_ptr, y_ptr, xn_ptr, COUT, CIN, ACCUM, BLOCK_M, BLOCK_N)
-    elif kind == 1:
-        s2 = _conv_c_phase(w_ptr, x_ptr, y_ptr, CIN, H, W, COUT, OH, OW, KH, KW, SH, SW,
-                           PH, PW, DH, DW, G, CIRC, BLOCK_C, BLOCK_P, BLOCK_R)
+    """y = A x for the layer's operator; returns ||y||^2 (dense also does xn += W^T y).
+    HAS_CONV=False (every layer of the call dense) compiles no conv code at all."""
+    if HAS_CONV:
+        if kind == 0:
+            s2 = _dense_pass(w_ptr, x_ptr, y_ptr, xn_ptr, COUT, CIN, ACCUM, BLOCK_M, BLOCK_N)
+        elif kind == 1:
+            s2 = _conv_c_phase(w_ptr, x_ptr, y_ptr, CIN, H, W, COUT, OH, OW, KH, KW, SH, SW,
+                               PH, PW, DH, DW, G, CIRC, BLOCK_C, BLOCK_P, BLOCK_R)
+        else:
+            s2 = _conv_ct_phase(w_ptr, x_ptr, y_ptr, CIN, H, W, COUT, OH, OW, KH, KW, SH,
+                                SW, PH, PW, DH, DW, G, CIRC, BLOCK_C, BLOCK_P, BLOCK_R)
     else:
-        s2 = _conv_ct_phase(w_ptr, x_ptr, y_ptr, CIN, H, W, COUT, OH, OW, KH, KW, SH, SW,
-                            PH, PW, DH, DW, G, CIRC, BLOCK_C, BLOCK_P, BLOCK_R)
+        s2 = _dense_pass(w_ptr, x_ptr, y_ptr, xn_ptr, COUT, CIN, ACCUM, BLOCK_M, BLOCK_N)
     return s2
 
 
 @triton.jit
 def _adjoint_into(kind, w_ptr, src, dst, CIN, H, W, COUT, OH, OW, KH, KW, SH, SW, PH, PW, DH,
-                  DW, G, CIRC, BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr,
-                  BLOCK_R: tl.constexpr):
-    """dst = A^T src (a dense layer as the 1x1 conv it is); returns ||dst||^2."""
-    if kind == 2:
-        s2 = _conv_c_phase(w_ptr, src, dst, CIN, H, W, COUT, OH, OW, KH, KW, SH, SW, PH, PW,
-                           DH, DW, G, CIRC, BLOCK_C, BLOCK_P, BLOCK_R)
+                  DW, G, CIRC, HAS_CONV: tl.constexpr, BLOCK_C: tl.constexpr,
+                  BLOCK_P: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_M: tl.constexpr,
+                  BLOCK_N: tl.constexpr):
+    """dst = A^T src; returns ||dst||^2. With conv layers in the call a dense layer goes as
+    the 1x1 conv it is; in a dense-only call (HAS_CONV=False) through _dense_adjoint."""
+    if HAS_CONV:
+        if kind == 2:
+            s2 = _conv_c_phase(w_ptr, src, dst, CIN, H, W, COUT, OH, OW, KH, KW, SH, SW, PH,
+                               PW, DH, DW, G, CIRC, BLOCK_C, BLOCK_P, BLOCK_R)
+        else:
+            s2 = _conv_ct_phase(w_ptr, src, dst, CIN, H, W, COUT, OH, OW, KH, KW, SH, SW, PH,
+                                PW, DH, DW, G, CIRC, BLOCK_C, BLOCK_P, BLOCK_R)
     else:
-        s2 = _conv_ct_phase(w_ptr, src, dst, CIN, H, W, COUT, OH, OW, KH, KW, SH, SW, PH, PW,
-                            DH, DW, G, CIRC, BLOCK_C, BLOCK_P, BLOCK_R)
+        s2 = _dense_adjoint(w_ptr, src, dst, COUT, CIN, BLOCK_M, BLOCK_N)
     return s2
 
 
 @triton.jit
+def _dense_adjoint(w_ptr, src_ptr, dst_ptr, M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """dst = W^T src (W row-major (M, N)), column block by column block; returns ||dst||^2."""
+    ss = tl.zeros([BLOCK_N], tl.float32)
+    for n0 in range(0, N, BLOCK_N):
+        cols = n0 + tl.arange(0, BLOCK_N)
+        cmask = cols < N
+        acc = tl.zeros([BLOCK_N], tl.float32)
+        for m0 in range(0, M, BLOCK_M):
+            rows = m0 + tl.arange(0, BLOCK_M)
+            rmask = rows < M
+            wt = tl.load(w_ptr + rows[:, None] * N + cols[None, :],
+                         mask=rmask[:, None] & cmask[None, :], other=0.0).to(tl.float32)
+            sv = tl.load(src_ptr + rows, mask=rmask, other=0.0)
+            acc += tl.sum(wt * sv[:, None], axis=0)
+        tl.store(dst_ptr + cols, acc, mask=cmask)
+        ss += acc * acc
+    return tl.sum(ss)
+
+
+@triton.jit
 def _iterate_power(kind, w_ptr, x, u, xn, NX, NY, n_iters, eps, tol, CIN, H, W, COUT, OH, OW,
-                   KH, KW, SH, SW, PH, PW, DH, DW, G, CIRC,
+                   KH, KW, SH, SW, PH, PW, DH, DW, G, CIRC, HAS_CONV: tl.constexpr,
                    BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_R: tl.constexpr,
                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr):
     """The default update on one layer (x unit, xn zero on entry): leaves u = A x / sigma,
@@ -263,7 +292,7 @@ def _iterate_power(kind, w_ptr, x, u, xn, NX, NY, n_iters, eps, tol, CIN, H, W, 
     s_prev = -1.0
     while k < n_iters:
         s = tl.sqrt(_apply_a(kind, w_ptr, x, u, xn, 1, CIN, H, W, COUT, OH, OW, KH, KW,
-                             SH, SW, PH, PW, DH, DW, G, CIRC,
+                             SH, SW, PH, PW, DH, DW, G, CIRC, HAS_CONV,
                              BLOCK_C, BLOCK_P, BLOCK_R, BLOCK_M, BLOCK_N))
         tl.debug_barrier()
         done = (tol >= 0) & (k > 0) & (tl.abs(s - s_prev) <= tol * s)
@@ -272,7 +301,8 @@ def _iterate_power(kind, w_ptr, x, u, xn, NX, NY, n_iters, eps, tol, CIN, H, W, 
         else:
             if kind != 0:  # dense layers accumulated W^T y in the pass above
                 _adjoint_into(kind, w_ptr, u, xn, CIN, H, W, COUT, OH, OW, KH, KW, SH, SW, PH,
-                              PW, DH, DW, G, CIRC, BLOCK_C, BLOCK_P, BLOCK_R)
+                              PW, DH, DW, G, CIRC, HAS_CONV, BLOCK_C, BLOCK_P, BLOCK_R,
+                              BLOCK_M, BLOCK_N)
             tl.debug_barrier()
             nx = tl.sqrt(_sumsq(xn, NX, BLOCK_V))
             tl.debug_barrier()
@@ -283,7 +313,7 @@ def _iterate_power(kind, w_ptr, x, u, xn, NX, NY, n_iters, eps, tol, CIN, H, W, 
         s_prev = s
 
     sigma = tl.sqrt(_apply_a(kind, w_ptr, x, u, xn, 0, CIN, H, W, COUT, OH, OW, KH, KW,
-                             SH, SW, PH, PW, DH, DW, G, CIRC,
+                             SH, SW, PH, PW, DH, DW, G, CIRC, HAS_CONV,
                              BLOCK_C, BLOCK_P, BLOCK_R, BLOCK_M, BLOCK_N))
     tl.debug_barrier()
     _scale_into(u, u, NY, 1.0 / tl.maximum(sigma, eps), 0, BLOCK_V)
@@ -292,18 +322,19 @@ def _iterate_power(kind, w_ptr, x, u, xn, NX, NY, n_iters, eps, tol, CIN, H, W, 
 
 @triton.jit
 def _dot(a_ptr, b_ptr, N, BLOCK_V: tl.constexpr):
+    """<a, b> over N elements in fp32 (either side may be a half-precision weight)."""
     acc = tl.zeros([BLOCK_V], tl.float32)
     for n0 in range(0, N, BLOCK_V):
         offs = n0 + tl.arange(0, BLOCK_V)
         m = offs < N
-        acc += (tl.load(a_ptr + offs, mask=m, other=0.0)
-                * tl.load(b_ptr + offs, mask=m, other=0.0))
+        acc += (tl.load(a_ptr + offs, mask=m, other=0.0).to(tl.float32)
+                * tl.load(b_ptr + offs, mask=m, other=0.0).to(tl.float32))
     return tl.sum(acc)
 
 
 @triton.jit
 def _iterate_sn(kind, w_ptr, x, u, xn, u0, NX, NY, n_iters, eps, CIN, H, W, COUT, OH, OW,
-                KH, KW, SH, SW, PH, PW, DH, DW, G, CIRC,
+                KH, KW, SH, SW, PH, PW, DH, DW, G, CIRC, HAS_CONV: tl.constexpr,
                 BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_R: tl.constexpr,
                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr):
     """torch's spectral_norm update on one layer (x unit, xn zero on entry): per iteration
@@ -317,13 +348,13 @@ def _iterate_sn(kind, w_ptr, x, u, xn, u0, NX, NY, n_iters, eps, CIN, H, W, COUT
         _scale_into(u0, u, NY, 1.0 / tl.maximum(nu, eps), 0, BLOCK_V)
         tl.debug_barrier()
         _adjoint_into(kind, w_ptr, u, xn, CIN, H, W, COUT, OH, OW, KH, KW, SH, SW, PH, PW,
-                      DH, DW, G, CIRC, BLOCK_C, BLOCK_P, BLOCK_R)
+                      DH, DW, G, CIRC, HAS_CONV, BLOCK_C, BLOCK_P, BLOCK_R, BLOCK_M, BLOCK_N)
         tl.debug_barrier()
         sigma = _dot(x, xn, NX, BLOCK_V)
     else:
         for _k in range(n_iters):
             ms = tl.maximum(tl.sqrt(_apply_a(kind, w_ptr, x, u, xn, 1, CIN, H, W, COUT, OH,
-                                             OW, KH, KW, SH, SW, PH, PW, DH, DW, G, CIRC,
+                                             OW, KH, KW, SH, SW, PH, PW, DH, DW, G, CIRC, HAS_CONV,
                                              BLOCK_C, BLOCK_P, BLOCK_R, BLOCK_M, BLOCK_N)),
                             eps)
             tl.debug_barrier()
@@ -331,7 +362,8 @@ def _iterate_sn(kind, w_ptr, x, u, xn, u0, NX, NY, n_iters, eps, CIN, H, W, COUT
             tl.debug_barrier()
             if kind != 0:
                 _adjoint_into(kind, w_ptr, u, xn, CIN, H, W, COUT, OH, OW, KH, KW, SH, SW, PH,
-                              PW, DH, DW, G, CIRC, BLOCK_C, BLOCK_P, BLOCK_R)
+                              PW, DH, DW, G, CIRC, HAS_CONV, BLOCK_C, BLOCK_P, BLOCK_R,
+                              BLOCK_M, BLOCK_N)
                 tl.debug_barrier()
             c = tl.where(kind == 0, ms, 1.0)
             t = tl.sqrt(_sumsq(xn, NX, BLOCK_V)) / c
@@ -343,12 +375,15 @@ def _iterate_sn(kind, w_ptr, x, u, xn, u0, NX, NY, n_iters, eps, CIN, H, W, COUT
     return sigma
 
 
-@triton.jit
+# L and n_iters change between calls (per-layer paths have L == 1, eval n_iters == 0, warm
+# steps 1): Triton would compile a variant for each "== 1" and "% 16 == 0" value it sees;
+# ~10-20 s each for this kernel, and nothing to gain from the specialization.
+@triton.jit(do_not_specialize=["L", "n_iters"])
 def power_iter_fwd_kernel(
         meta_ptr, wptr_ptr, x0_ptr, u0_ptr, x_ptr, u_ptr, xn_ptr, sig_ptr, lip_ptr,
-        loglip_ptr, counter_ptr, L, n_iters, eps, tol,
-        W_DTYPE: tl.constexpr, SN_VARIANT: tl.constexpr, META_WIDTH: tl.constexpr,
-        BLOCK_L: tl.constexpr,
+        loglip_ptr, counter_ptr, what_ptr, L, n_iters, eps, tol,
+        W_DTYPE: tl.constexpr, SN_VARIANT: tl.constexpr, WRITE_WHAT: tl.constexpr,
+        HAS_CONV: tl.constexpr, META_WIDTH: tl.constexpr, BLOCK_L: tl.constexpr,
         BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_R: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr):
     """Program l runs layer l's iteration; the last program to finish writes the product.
@@ -356,8 +391,12 @@ def power_iter_fwd_kernel(
     meta_ptr: (L, META_WIDTH) int32 layer table; wptr_ptr: (L,) int64 weight addresses;
     x0/x/xn: packed (total_x,) fp32 (start, result, scratch); u: (total_y,) fp32;
     u0: (total_y,) fp32 start left vectors, read only when SN_VARIANT (torch's update);
-    sig: (L,) fp32; lip, loglip: () fp32; counter: (1,) int32, 0 on entry and on exit.
-    tol < 0 disables the early exit."""
+    sig: (L,) fp32; lip, loglip: () fp32; counter: (1,) int32, 0 on entry and on exit;
+    what: packed (total_w,) of W_DTYPE, written with W_l / sigma_l when WRITE_WHAT (the
+    normalized weights of lipkern.fused_normalize). tol < 0 disables the early exit.
+    HAS_CONV: some layer is a conv operator; False compiles a dense-only kernel (measured on
+    an H100, 2026-11-22: the kernel with every path held 255 registers and spilled 28-72,
+    one 512x512 dense layer took 427 us)."""
     l = tl.program_id(0)
     row = meta_ptr + l * META_WIDTH
     kind = tl.load(row + F_KIND)
@@ -383,13 +422,24 @@ def power_iter_fwd_kernel(
 
     if SN_VARIANT:
         sigma = _iterate_sn(kind, w_ptr, x, u, xn, u0_ptr + y_off, NX, NY, n_iters, eps, CIN, H,
-                            W, COUT, OH, OW, KH, KW, SH, SW, PH, PW, DH, DW, G, CIRC,
+                            W, COUT, OH, OW, KH, KW, SH, SW, PH, PW, DH, DW, G, CIRC, HAS_CONV,
                             BLOCK_C, BLOCK_P, BLOCK_R, BLOCK_M, BLOCK_N, BLOCK_V)
     else:
         sigma = _iterate_power(kind, w_ptr, x, u, xn, NX, NY, n_iters, eps, tol, CIN, H, W,
-                               COUT, OH, OW, KH, KW, SH, SW, PH, PW, DH, DW, G, CIRC,
+                               COUT, OH, OW, KH, KW, SH, SW, PH, PW, DH, DW, G, CIRC, HAS_CONV,
                                BLOCK_C, BLOCK_P, BLOCK_R, BLOCK_M, BLOCK_N, BLOCK_V)
     tl.store(sig_ptr + l, sigma)
+    if WRITE_WHAT:
+        # W / sigma rounded once from the exact quotient (div_rn), as torch's `weight / sigma`
+        # is: the normalized weight matches torch's to the last bit for the same sigma
+        w_off = tl.load(row + F_WOFF)
+        n_w = COUT * (CIN // G) * KH * KW
+        for e0 in range(0, n_w, BLOCK_V):
+            offs = e0 + tl.arange(0, BLOCK_V)
+            m = offs < n_w
+            wv = tl.load(w_ptr + offs, mask=m, other=0.0).to(tl.float32)
+            tl.store(what_ptr + w_off + offs,
+                     tl.math.div_rn(wv, tl.zeros_like(wv) + sigma).to(W_DTYPE), mask=m)
     tl.debug_barrier()  # every thread's stores precede the release below
 
     # the network bound, by whichever program finishes last
@@ -403,7 +453,7 @@ def power_iter_fwd_kernel(
         tl.atomic_xchg(counter_ptr, 0)  # ready for the next launch on this stream
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["L"])
 def power_iter_bwd_kernel(
         meta_ptr, tiles_ptr, x_ptr, u_ptr, sig_ptr, gs_ptr, gl_ptr, glog_ptr, grad_ptr, L,
         HAS_GS: tl.constexpr, HAS_GL: tl.constexpr, HAS_GLOG: tl.constexpr,
@@ -469,6 +519,16 @@ def _conv_grad_tile(row, in_ptr, out_ptr, gptr, coef, tile, CIN, COUT,
                     BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_R: tl.constexpr):
     """grad[co, r] = coef * sum_p out[co, p] * in_gathered[r, p] for tile (group, co block,
     r block); in is C's input-space vector, out its output-space vector."""
+    acc, offs, mask = _conv_grad_acc(row, in_ptr, out_ptr, tile, CIN, COUT, BLOCK_C, BLOCK_P,
+                                     BLOCK_R)
+    tl.store(gptr + offs, coef * acc, mask=mask)
+
+
+@triton.jit
+def _conv_grad_acc(row, in_ptr, out_ptr, tile, CIN, COUT,
+                   BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_R: tl.constexpr):
+    """One tile of the conv weight gradient d<out, C in>/dW: returns (acc (BLOCK_C, BLOCK_R)
+    fp32, its flat offsets into the (COUT, R) weight, the mask of real entries)."""
     H, W, OH, OW, KH, KW, SH, SW, PH, PW, DH, DW, G, CIRC = _load_conv_geom(row)
     CIG = CIN // G
     COG = COUT // G
@@ -498,8 +558,7 @@ def _conv_grad_tile(row, in_ptr, out_ptr, gptr, coef, tile, CIN, COUT,
         xv = _gather_input(in_ptr, (g * CIG + ci)[None, :], ih, iw, H, W, CIRC,
                            pmask[:, None] & rmask[None, :])
         acc += tl.dot(ov, xv, input_precision="ieee")
-    tl.store(gptr + (g * COG + co)[:, None] * R + r[None, :], coef * acc,
-             mask=cmask[:, None] & rmask[None, :])
+    return acc, (g * COG + co)[:, None] * R + r[None, :], cmask[:, None] & rmask[None, :]
 
 
 # ---------------------------------------------------------------- launchers
@@ -530,7 +589,8 @@ def _tables(meta: tuple, width: int, device: torch.device):
         tiles += [v for j in range(n) for v in (i, j)]
     meta_t = torch.tensor(meta, dtype=torch.int32).to(device)
     tiles_t = torch.tensor(tiles, dtype=torch.int32).to(device)
-    return meta_t, tiles_t, len(tiles) // 2
+    has_conv = any(g.kind != 0 for g in layout.geoms)
+    return meta_t, tiles_t, len(tiles) // 2, has_conv
 
 
 @functools.lru_cache(maxsize=64)
@@ -556,15 +616,18 @@ def _check_int32(layout) -> None:
                          ">= 2^31 elements (use backend='torch')")
 
 
-def forward(weights, x0, u0, layout, n_iters: int, eps: float, tol: float):
+def forward(weights, x0, u0, layout, n_iters: int, eps: float, tol: float,
+            write_normalized: bool = False):
     """Launch the fused forward. weights: same dtype/device, contiguous; x0: (total_x,) fp32;
     u0: None, or (total_y,) fp32 for torch's spectral_norm update.
-    Returns (sigmas (L,), lipschitz (), log_lipschitz (), x (total_x,), u (total_y,)), fp32."""
+    Returns (sigmas (L,), lipschitz (), log_lipschitz (), x (total_x,), u (total_y,)), fp32,
+    and with ``write_normalized`` also ``what`` (total_w,) in the weights' dtype: every
+    W_l / sigma_l, packed at the layer table's weight offsets."""
     from lipkern.layout import META_WIDTH
     _check_int32(layout)
     device = x0.device
     L = layout.num_layers
-    meta_t, _, _ = _tables(layout.meta, META_WIDTH, device)
+    meta_t, _, _, has_conv = _tables(layout.meta, META_WIDTH, device)
     wptrs = _pointer_table(tuple(w.data_ptr() for w in weights), device)
     f32 = dict(dtype=torch.float32, device=device)
     x = _empty(layout.total_x, **f32)
@@ -573,12 +636,17 @@ def forward(weights, x0, u0, layout, n_iters: int, eps: float, tol: float):
     sig = _empty(L, **f32)
     lip = _empty((), **f32)
     loglip = _empty((), **f32)
+    what = _empty(layout.total_w, dtype=weights[0].dtype, device=device) \
+        if write_normalized else sig
     power_iter_fwd_kernel[(L,)](
         meta_t, wptrs, x0, x0 if u0 is None else u0.contiguous(), x, u, xn, sig, lip, loglip,
-        _counter(device), L, n_iters, eps, tol, W_DTYPE=_TL_DTYPES[weights[0].dtype],
-        SN_VARIANT=u0 is not None, META_WIDTH=META_WIDTH,
+        _counter(device), what, L, n_iters, eps, tol, W_DTYPE=_TL_DTYPES[weights[0].dtype],
+        SN_VARIANT=u0 is not None, WRITE_WHAT=write_normalized, HAS_CONV=has_conv,
+        META_WIDTH=META_WIDTH,
         BLOCK_L=max(16, triton.next_power_of_2(L)), BLOCK_C=BLOCK_C, BLOCK_P=BLOCK_P,
         BLOCK_R=BLOCK_R, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_V=BLOCK_V, num_warps=4)
+    if write_normalized:
+        return sig, lip, loglip, x, u, what
     return sig, lip, loglip, x, u
 
 
@@ -586,7 +654,7 @@ def backward(x, u, sigmas, grad_sigmas, grad_lip, grad_log, layout, wdtype):
     """Launch the fused backward; returns the packed weight gradient (total_w,) in wdtype."""
     from lipkern.layout import META_WIDTH
     device = x.device
-    meta_t, tiles_t, n_tiles = _tables(layout.meta, META_WIDTH, device)
+    meta_t, tiles_t, n_tiles, _ = _tables(layout.meta, META_WIDTH, device)
     grad = _empty(layout.total_w, dtype=wdtype, device=device)
     # autograd may hand over expanded (stride-0) gradients, e.g. from sigmas.sum()
     grad_sigmas, grad_lip, grad_log = (None if t is None else t.contiguous().float()

@@ -1,4 +1,5 @@
-"""``lipkern.fused_power_iter``: validate -> pack -> pick backend -> the registered op."""
+"""``lipkern.fused_power_iter`` and ``lipkern.fused_normalize``: validate -> pack -> pick
+backend -> the registered op."""
 from __future__ import annotations
 
 from typing import Optional, Sequence
@@ -7,8 +8,10 @@ import torch
 
 from .backends import resolve_backend
 from .layout import PowerIterState, initial_u, initial_x
+from .ops.normalize import normalize_op
 from .ops.power_iter import call_op
-from .result import PowerIterResult
+from .reference import divide
+from .result import NormalizeResult, PowerIterResult
 from .spec import ConvSpec
 from .validate import compute_dtype, validate_call
 
@@ -54,6 +57,54 @@ def fused_power_iter(weights: Sequence[torch.Tensor],
         -- float32 (float64 for float64 weights), differentiable w.r.t. every weight -- and
         ``state``. Bf16/fp16 weights iterate in float32, also under autocast.
     """
+    weights, layout, chosen, x0, u0 = _prepare(weights, specs, state, n_iters, eps, tol,
+                                               backend, generator, check_finite, variant)
+    sigmas, lip, log_lip, x, u = call_op(
+        chosen, list(weights), x0, u0, list(layout.meta), n_iters, float(eps),
+        -1.0 if tol is None else float(tol))
+    return PowerIterResult(sigmas, lip, log_lip, PowerIterState(x, u, layout.meta))
+
+
+def fused_normalize(weights: Sequence[torch.Tensor],
+                    specs: Optional[Sequence[Optional[ConvSpec]]] = None, *,
+                    state: Optional[PowerIterState] = None, n_iters: int = 5,
+                    eps: float = 1e-12, tol: Optional[float] = None, backend: str = "auto",
+                    generator: Optional[torch.Generator] = None,
+                    check_finite: bool = True, variant: str = "power") -> NormalizeResult:
+    """Every weight divided by its spectral norm, ``W_l / sigma_l``, for many layers at once.
+
+    The same power iteration as :func:`fused_power_iter` (same arguments and ``sigmas``,
+    ``state``); on the GPU (``backend="triton"``, what "auto" picks for CUDA tensors) the
+    division happens in the same single kernel launch, and the backward of all the normalized
+    weights is one more launch -- so normalizing a whole network costs two launches per
+    training step whatever its depth. Other backends run the fused iteration and then one
+    division per layer (same values and gradients).
+
+    Returns:
+        :class:`NormalizeResult`: ``weights`` (L tensors shaped and typed like the inputs,
+        float32 arithmetic for bf16/fp16), ``sigmas`` (L,), ``state``. Gradients follow
+        spectral_norm's rule (vectors held constant; see :func:`lipkern.reference.normalize`).
+        A sigma of 0 gives inf/NaN entries, as ``W / sigma`` does in torch.
+    """
+    weights, layout, chosen, x0, u0 = _prepare(weights, specs, state, n_iters, eps, tol,
+                                               backend, generator, check_finite, variant)
+    tol = -1.0 if tol is None else float(tol)
+    if chosen != "triton":
+        sigmas, _, _, x, u = call_op(chosen, list(weights), x0, u0, list(layout.meta), n_iters,
+                                     float(eps), tol)
+        outs = [divide(w, s) for w, s in zip(weights, sigmas.unbind(0))]
+    else:
+        sigmas, x, u, what = normalize_op(list(weights), x0, u0, list(layout.meta), n_iters,
+                                          float(eps), tol)
+        # one split (one autograd node, whose backward is one cat) and a view per layer
+        outs = [t.view(w.shape) for t, w in zip(
+            what.split([g.w_numel for g in layout.geoms]), weights)]
+    return NormalizeResult(outs, sigmas, PowerIterState(x, u, layout.meta))
+
+
+def _prepare(weights, specs, state, n_iters, eps, tol, backend, generator, check_finite,
+             variant):
+    """validate -> pack -> pick backend; the start vectors in the compute dtype."""
     weights, layout = validate_call(weights, specs, state, n_iters, eps, tol, backend,
                                     generator, check_finite and not torch.compiler.is_compiling(),
                                     variant)
@@ -65,7 +116,4 @@ def fused_power_iter(weights: Sequence[torch.Tensor],
     if variant == "spectral_norm":
         u0 = state.u if state is not None else initial_u(layout, device, cdtype, generator)
         u0 = u0.to(cdtype)
-    sigmas, lip, log_lip, x, u = call_op(
-        chosen, list(weights), x0.to(cdtype), u0, list(layout.meta), n_iters, float(eps),
-        -1.0 if tol is None else float(tol))
-    return PowerIterResult(sigmas, lip, log_lip, PowerIterState(x, u, layout.meta))
+    return weights, layout, chosen, x0.to(cdtype), u0

@@ -46,12 +46,12 @@ import torch
 import torch.nn.functional as F
 
 from .layout import PowerIterState, initial_u, initial_x
-from .result import PowerIterResult
+from .result import NormalizeResult, PowerIterResult
 from .spec import KIND_CONV_T, KIND_DENSE, ConvSpec, LayerGeom, resolve_geometry
 from .validate import compute_dtype, validate_call
 
-__all__ = ["power_iter", "exact_sigma", "apply_op", "apply_adjoint", "iterate_layer", "weight_grad",
-           "bound_from_sigmas", "EXACT_MAX_ELEMENTS"]
+__all__ = ["power_iter", "normalize", "exact_sigma", "apply_op", "apply_adjoint", "iterate_layer",
+           "weight_grad", "bound_from_sigmas", "divide", "EXACT_MAX_ELEMENTS"]
 
 
 # ---------------------------------------------------------------- the conv-form map C
@@ -209,6 +209,32 @@ def power_iter(weights: Sequence[torch.Tensor], specs: Optional[Sequence[Optiona
     lip, log_lip = bound_from_sigmas(sigmas)
     new_state = PowerIterState(torch.cat(xs).detach(), torch.cat(us).detach(), layout.meta)
     return PowerIterResult(sigmas, lip, log_lip, new_state)
+
+
+def divide(w: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+    """``w / sigma`` in the compute dtype, rounded once to w's dtype (torch's spectral_norm
+    divides in the weight's own dtype; for bf16/fp16 weights lipkern divides in float32)."""
+    cdtype = compute_dtype(w.dtype)
+    return (w.to(cdtype) / sigma.to(cdtype)).to(w.dtype)
+
+
+def normalize(weights: Sequence[torch.Tensor],
+              specs: Optional[Sequence[Optional[ConvSpec]]] = None, **kwargs) -> NormalizeResult:
+    r"""Reference of :func:`lipkern.fused_normalize`: :func:`power_iter` (same arguments), then
+    every weight divided by its sigma, ``W_hat_l = W_l / sigma_l``.
+
+    Gradients flow through the division and through ``sigma = u^T A(W) x`` (x, u held
+    constant), which gives spectral_norm's
+
+    .. math::
+
+        \frac{\partial L}{\partial W} = \frac{G}{\sigma}
+            + \Big(g_\sigma - \frac{\langle G, W\rangle}{\sigma^2}\Big)
+              \frac{\partial \sigma}{\partial W},\qquad G = \frac{\partial L}{\partial \hat W}.
+    """
+    r = power_iter(weights, specs, **kwargs)
+    return NormalizeResult([divide(w, s) for w, s in zip(weights, r.sigmas.unbind(0))],
+                           r.sigmas, r.state)
 
 
 # ---------------------------------------------------------------- exact sigma

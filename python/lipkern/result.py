@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import List
 
 import torch
 
@@ -25,4 +26,20 @@ class PowerIterResult:
     sigmas: torch.Tensor
     lipschitz: torch.Tensor
     log_lipschitz: torch.Tensor
+    state: PowerIterState
+
+
+@dataclass(frozen=True)
+class NormalizeResult:
+    """What :func:`lipkern.fused_normalize` returns.
+
+    Attributes:
+        weights: list of L tensors ``W_l / sigma_l``, each shaped and typed as its input
+            weight, differentiable w.r.t. it (spectral_norm's rule: the vectors held constant).
+        sigmas: (L,) float32 (float64 for float64 weights) estimates, differentiable.
+        state: :class:`PowerIterState` for a warm start (both vectors with
+            ``variant="spectral_norm"``).
+    """
+    weights: List[torch.Tensor]
+    sigmas: torch.Tensor
     state: PowerIterState

@@ -16,11 +16,16 @@ Differences from per-layer spectral_norm, all deliberate:
 * a layer called twice in one model forward is normalized once (as under
   ``torch.nn.utils.parametrize.cached()``); a weight read outside a model forward is
   normalized on its own (the per-layer path, with the same train/eval rules);
-* the layers do not materialize ``W / sigma``: during a model forward each normalized layer
-  computes ``layer(x; W) / sigma + b`` (:mod:`lipkern.nn.scaled_layer`), the same function
-  with the same gradient, at O(output) instead of two weight-sized passes and allocations
-  per step. Layers it cannot take (string ``padding='same'``, ``output_size=`` of transposed
-  convs, autocast) use the weight parametrization (division by the fused call's sigma);
+* how the layers apply the fused call's sigmas (``strategy``; the same function and
+  gradient either way): "fused_weights" (the default on CUDA with Triton) -- the one fused
+  launch also writes every ``W / sigma`` (:func:`lipkern.fused_normalize`), each layer runs
+  its own op on it, and one more launch returns every weight gradient: a model's
+  normalization costs two launches per training step instead of ~20 small kernels per layer;
+  "scaled_outputs" (the default elsewhere) -- each layer computes ``layer(x; W) / sigma + b``
+  (:mod:`lipkern.nn.scaled_layer`) at O(output) instead of two weight-sized passes and
+  allocations per step. Layers the scaled path cannot take (string ``padding='same'``,
+  ``output_size=`` of transposed convs, autocast) use the weight parametrization (division
+  by the fused call's sigma);
 * ``cache_eval=True``: eval forwards reuse the sigmas (and vectors) of the first eval forward
   until a weight or a vector changes or the model goes back to training: zero power
   iterations per eval forward. Gradients still reach the weights through the layers (the
@@ -35,8 +40,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.nn.utils import parametrize
 
+from ..backends import resolve_backend
 from ..layout import Layout, PowerIterState, layout_for
-from ..power_iter import fused_power_iter
+from ..power_iter import fused_normalize, fused_power_iter
 from ..spec import ConvSpec
 from ..validate import compute_dtype
 from .parametrization import _TRANSPOSED, _in_vmap, _spec_from_module, make_picklable
@@ -48,6 +54,7 @@ __all__ = ["spectral_norm_model", "remove_spectral_norm_model", "SpectralNormGro
 DEFAULT_TYPES = (nn.Linear, nn.Conv1d, nn.Conv2d)
 SUPPORTED_TYPES = DEFAULT_TYPES + (nn.ConvTranspose1d, nn.ConvTranspose2d)
 _ATTR = "_lipkern_spectral_norm"
+STRATEGIES = ("auto", "fused_weights", "scaled_outputs")
 
 
 class GroupedSpectralNorm(nn.Module):
@@ -97,7 +104,8 @@ class SpectralNormGroup:
 
     def __init__(self, modules: Sequence[nn.Module], names: Sequence[str],
                  specs: Sequence[Optional[ConvSpec]], dims: Sequence[int],
-                 n_power_iterations: int, eps: float, backend: str, cache_eval: bool):
+                 n_power_iterations: int, eps: float, backend: str, cache_eval: bool,
+                 strategy: str = "auto"):
         self.modules = list(modules)
         self.names = list(names)
         self.specs = tuple(specs)
@@ -106,6 +114,7 @@ class SpectralNormGroup:
         self.eps = eps
         self.backend = backend
         self.cache_eval = cache_eval
+        self.strategy = strategy
         self.layout: Optional[Layout] = None
         self.u: Optional[torch.Tensor] = None
         self.v: Optional[torch.Tensor] = None
@@ -114,6 +123,7 @@ class SpectralNormGroup:
         self._sigmas: Optional[torch.Tensor] = None
         self._sigma_list = self._u_list = self._x_list = None
         self._scaled_ok = False  # this forward may use ScaledLayer
+        self._what: Optional[List[torch.Tensor]] = None  # this forward's W_l / sigma_l
         self._eval_cache = None  # (key, sigmas, state) of cache_eval
         self.conv_args = [_conv_args(m) for m in self.modules]  # False: division path
         self.fast = [c is not False for c in self.conv_args]
@@ -153,13 +163,20 @@ class SpectralNormGroup:
                 return
 
     # ------------------------------------------------------------ one fused call
-    def _run(self, weights, state_v, state_u, specs, n_iters):
+    def _run(self, weights, state_v, state_u, specs, n_iters, fn=fused_power_iter):
         cdtype = compute_dtype(weights[0].dtype)
         meta = layout_for(tuple(tuple(w.shape) for w in weights), specs).meta
         state = PowerIterState(state_v.to(cdtype), state_u.to(cdtype), meta)
-        return fused_power_iter(weights, specs, state=state, n_iters=n_iters, eps=self.eps,
-                                backend=self.backend, check_finite=False,
-                                variant="spectral_norm")
+        return fn(weights, specs, state=state, n_iters=n_iters, eps=self.eps,
+                  backend=self.backend, check_finite=False, variant="spectral_norm")
+
+    def fused_weights(self, w: torch.Tensor) -> bool:
+        """Whether forwards use the "fused_weights" strategy for weights like ``w``
+        (``strategy="auto"``: where the fused op is the Triton kernel, i.e. CUDA tensors)."""
+        if self.strategy != "auto":
+            return self.strategy == "fused_weights"
+        return w.device.type == "cuda" and \
+            resolve_backend(self.backend, w.device, w.dtype) == "triton"
 
     @staticmethod
     def _store(state: PowerIterState, v: torch.Tensor, u: torch.Tensor) -> None:
@@ -191,12 +208,23 @@ class SpectralNormGroup:
             self._set_current(*self._eval_cache[1:])
             return
         self._eval_cache = None
+        n_iters = self.n_power_iterations if training else 0
+        op_weights = [self.op_weight(i, w) for i, w in enumerate(originals)]
+        if self.fused_weights(originals[0]):
+            # one launch writes every W_l / sigma_l; the layers run their own ops on them
+            res = self._run(op_weights, self.v, self.u, self.specs, n_iters, fused_normalize)
+            self.calls += 1
+            if training:
+                self._store(res.state, self.v, self.u)
+            self._sigmas = res.sigmas
+            self._what = [w if d == 0 else w.movedim(0, d) for w, d in zip(res.weights,
+                                                                            self.dims)]
+            return
         # ScaledLayer carries every sigma's gradient itself: the op's own backward (a
         # weight-sized gradient per layer) is needed only for layers on the division path
         grad = torch.is_grad_enabled() and not (self._scaled_ok and all(self.fast))
         with torch.set_grad_enabled(grad):
-            res = self._run([self.op_weight(i, w) for i, w in enumerate(originals)], self.v,
-                            self.u, self.specs, self.n_power_iterations if training else 0)
+            res = self._run(op_weights, self.v, self.u, self.specs, n_iters)
         self.calls += 1
         if training:
             self._store(res.state, self.v, self.u)
@@ -213,7 +241,7 @@ class SpectralNormGroup:
     def end_forward(self) -> None:
         """The model's forward hook (also after an exception): later weight reads outside a
         forward take the per-layer path."""
-        self._sigmas = None
+        self._sigmas = self._what = None
         self._sigma_list = self._u_list = self._x_list = None
 
     def _cache_key(self, originals) -> Tuple:
@@ -221,8 +249,15 @@ class SpectralNormGroup:
                 self.u._version, self.v._version, self.u.data_ptr(), self.v.data_ptr())
 
     def layer_forward(self, i: int, module: nn.Module, x: torch.Tensor) -> torch.Tensor:
-        """Layer i's forward: ``layer(x; W) / sigma + b`` from this forward's fused call, or
-        the layer's own forward on its parametrized (divided) weight."""
+        """Layer i's forward: its own op on the fused call's ``W / sigma`` ("fused_weights"),
+        ``layer(x; W) / sigma + b`` ("scaled_outputs"), or the layer's own forward on its
+        parametrized (divided) weight."""
+        if self._what is not None:
+            if isinstance(module, nn.Linear):
+                return F.linear(x, self._what[i], module.bias)
+            if not isinstance(module, _TRANSPOSED):
+                return module._conv_forward(x, self._what[i], module.bias)
+            return type(module).__bases__[0].forward(module, x)  # weight: self._what[i]
         conv = self.conv_args[i] if self._sigmas is not None and self._scaled_ok else False
         if conv is False:
             return type(module).__bases__[0].forward(module, x)
@@ -238,6 +273,8 @@ class SpectralNormGroup:
     def normalized(self, i: int, weight: torch.Tensor) -> torch.Tensor:
         """Layer i's normalized weight: its entry of this forward's fused call, or outside a
         model forward the per-layer computation (same train/eval rules as spectral_norm)."""
+        if self._what is not None:
+            return self._what[i]
         if self._sigmas is not None:
             return _divide(weight, self._sigmas[i])
         p = self.modules[i].parametrizations.weight[0]
@@ -340,7 +377,7 @@ def spectral_norm_model(model: nn.Module, example_input=None, *, n_power_iterati
                         types: Union[None, type, Sequence[type]] = None,
                         names: Union[None, Iterable[str], Callable[[str, nn.Module], bool]] = None,
                         mode: str = "matrix", cache_eval: bool = False,
-                        backend: str = "auto") -> nn.Module:
+                        backend: str = "auto", strategy: str = "auto") -> nn.Module:
     """Spectrally normalize every selected layer of ``model`` in place, with ONE fused call
     (one ``lipkern::`` op) per model forward for all of them. Returns the model.
 
@@ -362,6 +399,15 @@ def spectral_norm_model(model: nn.Module, example_input=None, *, n_power_iterati
         cache_eval: reuse the eval-mode normalized weights across eval forwards (see module
             docstring: zero power iterations, no weight gradient in eval).
         backend: as in :func:`lipkern.fused_power_iter`.
+        strategy: how the layers use the fused call's sigmas (same values and gradients):
+            "fused_weights" -- the fused kernel also writes every ``W / sigma``
+            (:func:`lipkern.fused_normalize`) and each layer runs its own op on it: two
+            launches per training step for the whole model, whatever its depth (the GPU
+            choice: there the per-layer launches are the cost); "scaled_outputs" -- each layer
+            computes ``layer(x; W) / sigma + b`` with the sigma gradient folded into its
+            weight-gradient GEMM: no weight-sized tensor per step (the CPU choice: there
+            weight-sized passes and fresh pages are the cost); "auto" -- "fused_weights"
+            where the fused op is the Triton kernel on CUDA tensors, else "scaled_outputs".
 
     Remove with :func:`remove_spectral_norm_model`.
     """
@@ -377,6 +423,8 @@ def spectral_norm_model(model: nn.Module, example_input=None, *, n_power_iterati
         raise ValueError(f"eps must be a float > 0, got {eps!r}")
     if mode not in ("matrix", "operator"):
         raise ValueError(f"mode must be 'matrix' or 'operator', got {mode!r}")
+    if strategy not in STRATEGIES:
+        raise ValueError(f"strategy must be one of {STRATEGIES}, got {strategy!r}")
     targets = _select(model, types, names)
     first = targets[0][1].weight
     for qname, m in targets:
@@ -401,7 +449,7 @@ def spectral_norm_model(model: nn.Module, example_input=None, *, n_power_iterati
     dims = [1 if isinstance(m, _TRANSPOSED) and spec is None else 0
             for (_, m), spec in zip(targets, specs)]
     group = SpectralNormGroup([m for _, m in targets], [q for q, _ in targets], specs, dims,
-                              n_power_iterations, eps, backend, cache_eval)
+                              n_power_iterations, eps, backend, cache_eval, strategy)
     weights = [group.op_weight(i, m.weight.detach()) for i, (_, m) in enumerate(targets)]
     group.layout = layout_for(tuple(tuple(w.shape) for w in weights), group.specs)
     us, vs = _initial_vectors(group, weights)
