@@ -7,7 +7,10 @@ Providers (same model weights, same inputs, same run, round-robin timed):
   torch_sn    torch.nn.utils.parametrizations.spectral_norm on every layer
   deel        deel-torchlip SpectralLinear / SpectralConv2d (if installed; note it also
               orthonormalizes (Bjorck) -- a different, costlier normalization)
-  lipkern     lipkern.nn.spectral_norm_model (one fused call per forward)
+  lipkern     lipkern.nn.spectral_norm_model (one fused call per forward; strategy "auto":
+              "fused_weights" on CUDA, "scaled_outputs" on the CPU)
+  lipkern_scaled  the same with strategy="scaled_outputs" (GPU runs only: on the CPU it is
+              what "auto" picks)
 
 The figure that matters is the overhead: step time minus plain's step time. Workloads: a
 100-layer MLP of width 512 (ReLU), and an SNGAN-style CIFAR critic (Miyato et al. 2018:
@@ -93,9 +96,12 @@ def make_deel(base):
     return m
 
 
-def providers(include_deel=True):
+def providers(include_deel=True, device="cpu"):
     out = {"plain": lambda b: copy.deepcopy(b), "torch_sn": make_torch_sn,
            "lipkern": make_lipkern}
+    if device != "cpu":
+        out["lipkern_scaled"] = lambda b: lipkern.nn.spectral_norm_model(
+            copy.deepcopy(b), strategy="scaled_outputs")
     if include_deel:
         try:
             import deel.torchlip  # noqa: F401
@@ -120,7 +126,8 @@ def measure(workload, batch, reps, warmup, include_deel=True, device="cpu"):
     torch.manual_seed(0)
     base = make_model().to(device)
     x = make_x(batch).to(device)
-    steps = {name: step_fn(make(base), x) for name, make in providers(include_deel).items()}
+    steps = {name: step_fn(make(base), x)
+             for name, make in providers(include_deel, device).items()}
     for f in steps.values():
         for _ in range(warmup):
             f()
@@ -134,22 +141,39 @@ def measure(workload, batch, reps, warmup, include_deel=True, device="cpu"):
             if device != "cpu":
                 torch.cuda.synchronize()
             times[n].append(time.perf_counter() - t0)
+    launches = {n: count_launches(f, device) for n, f in steps.items()}
     return {n: statistics.median(t) * 1e3 for n, t in times.items()}, \
-        {n: min(t) * 1e3 for n, t in times.items()}, len(_layers(base))
+        {n: min(t) * 1e3 for n, t in times.items()}, len(_layers(base)), launches
 
 
-def print_table(workload, batch, n_layers, med, best):
+def count_launches(step, device):
+    """Work items of one training step: CUDA kernels on a GPU, aten ops on the CPU (what the
+    overhead is made of when the layers are small)."""
+    from torch.profiler import ProfilerActivity, profile
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device != "cpu" else [])
+    with profile(activities=acts) as prof:
+        step()
+        if device != "cpu":
+            torch.cuda.synchronize()
+    if device != "cpu":
+        return sum(1 for e in prof.events() if e.device_type.name == "CUDA"
+                   and "memcpy" not in e.name.lower() and "memset" not in e.name.lower())
+    return sum(1 for e in prof.events() if e.name.startswith("aten::"))
+
+
+def print_table(workload, batch, n_layers, med, best, launches, device):
     plain = med["plain"]
     torch_over = med["torch_sn"] - plain
+    unit = "kernels" if device != "cpu" else "aten ops"
     print(f"\n{workload}: {n_layers} normalized layers, batch {batch} -- per training step "
           f"(fwd+bwd+SGD), median ms")
     print(f"{'provider':10s} {'step ms':>9s} {'min ms':>9s} {'overhead ms':>12s} "
-          f"{'torch overhead / this':>22s}")
+          f"{'torch overhead / this':>22s} {unit + '/step':>14s}")
     for n, t in med.items():
         over = t - plain
         ratio = "" if n == "plain" else f"{torch_over / over:21.2f}x" if over > 0 else \
             f"{'(within noise)':>22s}"
-        print(f"{n:10s} {t:9.2f} {best[n]:9.2f} {over:12.2f} {ratio}")
+        print(f"{n:10s} {t:9.2f} {best[n]:9.2f} {over:12.2f} {ratio:>22s} {launches[n]:14d}")
 
 
 def main(argv=None):
@@ -166,9 +190,9 @@ def main(argv=None):
     names = list(WORKLOADS) if args.workload == "all" else [args.workload]
     for w in names:
         batch = args.batch or DEFAULT_BATCH[w]
-        med, best, n_layers = measure(w, batch, args.reps, args.warmup, not args.no_deel,
-                                      args.device)
-        print_table(w, batch, n_layers, med, best)
+        med, best, n_layers, launches = measure(w, batch, args.reps, args.warmup,
+                                                not args.no_deel, args.device)
+        print_table(w, batch, n_layers, med, best, launches, args.device)
         if not args.no_json:
             os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
             with open(args.out, "a") as f:
@@ -176,6 +200,8 @@ def main(argv=None):
                     bench="spectral_norm", workload=w, batch=batch, layers=n_layers,
                     median_ms=med, min_ms=best,
                     overhead_ms={n: med[n] - med["plain"] for n in med},
+                    launches_per_step=launches,
+                    launch_unit="cuda kernels" if args.device != "cpu" else "aten ops",
                     device=device_name(torch.device(args.device)), versions=versions(),
                     date=datetime.date.today().isoformat(), reps=args.reps)) + "\n")
 

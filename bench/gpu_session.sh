@@ -1,0 +1,61 @@
+#!/usr/bin/env bash
+# One GPU lease, one script: build lipkern with its CUDA kernels, run every GPU test, check the
+# CUDA and Triton kernels under compute-sanitizer, then the benchmarks. Each stage runs even
+# if an earlier one failed (a summary line per stage comes last). Logs and JSON rows go to
+# $OUT (the device tool's folder) or bench/results/gpu-<date>/.
+#
+#   bash bench/gpu_session.sh [stage ...]     stages: env build test sanitize bench sn
+#                                             (default: all, in that order)
+# On a machine without registry access (the lent GPU machines), torch/triton/pytest must be
+# there already: the install uses --no-build-isolation --no-deps.
+set -u
+cd "$(dirname "$0")/.."
+OUT=${OUT:-bench/results/gpu-$(date +%Y%m%d)}
+mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1
+PY=${PYTHON:-python3}
+STAGES=${*:-env build test sanitize bench sn}
+SUMMARY=()
+
+stage() {  # stage NAME TIMEOUT_S CMD...: run, log to $OUT/NAME.log, record the outcome
+  local name=$1 limit=$2
+  shift 2
+  local t0=$SECONDS
+  echo "=== $name (limit ${limit}s)"
+  timeout "$limit" "$@" > "$OUT/$name.log" 2>&1
+  local rc=$?
+  tail -n 25 "$OUT/$name.log"
+  SUMMARY+=("$name: rc=$rc in $((SECONDS - t0))s")
+}
+
+for s in $STAGES; do
+  case $s in
+    env)
+      stage env 60 bash -c "nvidia-smi; $PY -c 'import torch, triton, platform; \
+print(\"torch\", torch.__version__, \"cuda\", torch.version.cuda, \"triton\", triton.__version__, \
+\"python\", platform.python_version(), torch.cuda.get_device_name())'; nvcc --version | tail -n 2" ;;
+    build)
+      stage build 420 env LIPKERN_BUILD_EXT=1 LIPKERN_BUILD_CUDA=1 LIPKERN_CUDA_ARCHS=9.0 \
+        MAX_JOBS=16 $PY -m pip install --no-build-isolation --no-deps -v -e . ;;
+    test)
+      # separate processes: a CUDA fault in one backend cannot poison the others' context
+      stage test_triton 420 $PY -m pytest -q -p no:cacheprovider tests/test_power_iter.py \
+        tests/test_op.py tests/test_normalize.py -k "triton and cuda or normalize and cuda"
+      stage test_cuda_ext 300 $PY -m pytest -q -p no:cacheprovider tests/test_power_iter.py \
+        tests/test_op.py -k "cuda and not triton"
+      stage test_gpu_marked 420 $PY -m pytest -q -p no:cacheprovider -m gpu tests ;;
+    sanitize)
+      stage sanitize 300 compute-sanitizer --tool memcheck --target-processes all \
+        --error-exitcode 9 $PY bench/gpu_smoke.py ;;
+    bench)
+      for w in toy mlp resnet18; do
+        stage "bench_$w" 300 $PY bench/bench_power_iter.py --workload "$w" --mode both \
+          --reps 20 --warmup 3 --out "$OUT/power_iter.jsonl"
+      done ;;
+    sn)
+      stage bench_sn 300 $PY bench/bench_spectral_norm.py --no-deel --reps 30 --warmup 5 \
+        --out "$OUT/spectral_norm.jsonl" ;;
+    *) echo "unknown stage $s" ;;
+  esac
+done
+printf '%s\n' "${SUMMARY[@]}" | tee "$OUT/summary.txt"
