@@ -18,9 +18,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .power_iter import (BLOCK_C, BLOCK_P, BLOCK_R, F_CIN, F_COUT, F_G, F_KH, F_KIND,
-                         F_KW, F_WOFF, F_XOFF, F_YOFF, _TL_DTYPES, _conv_grad_acc, _dot, _empty,
-                         _pointer_table, _tables)
+from .power_iter import (BLOCK_C, BLOCK_P, BLOCK_R, F_G, F_KH, F_KW, _TL_DTYPES,
+                         _conv_grad_acc, _dot, _empty, _load_row_head, _pointer_table, _tables)
 
 BLOCK_E = 1024  # elements per step of the streaming passes (4 warps x 8 x fp32: 32 B per thread)
 
@@ -40,12 +39,7 @@ def normalize_bwd_kernel(meta_ptr, wptr_ptr, x_ptr, u_ptr, sig_ptr, gs_ptr, gwha
     some layer is a conv operator (False: no conv code is compiled)."""
     l = tl.program_id(0)
     row = meta_ptr + l * META_WIDTH
-    kind = tl.load(row + F_KIND)
-    x_off = tl.load(row + F_XOFF)
-    y_off = tl.load(row + F_YOFF)
-    w_off = tl.load(row + F_WOFF)
-    CIN = tl.load(row + F_CIN)
-    COUT = tl.load(row + F_COUT)
+    kind, x_off, y_off, w_off, CIN, COUT = _load_row_head(row)
     KK = tl.load(row + F_KH) * tl.load(row + F_KW)
     G = tl.load(row + F_G)
     n_w = COUT * (CIN // G) * KK

@@ -52,6 +52,14 @@ def _mul(a, b):
 
 
 @triton.jit
+def _load_row_head(row):
+    """(kind, x_off, y_off, w_off, CIN, COUT) of a layer-table row: what every kernel reads
+    first (see lipkern.layout.META_FIELDS)."""
+    return (tl.load(row + F_KIND), tl.load(row + F_XOFF), tl.load(row + F_YOFF),
+            tl.load(row + F_WOFF), tl.load(row + F_CIN), tl.load(row + F_COUT))
+
+
+@triton.jit
 def _load_conv_geom(row):
     """The spatial fields of a layer-table row (see lipkern.layout.META_FIELDS)."""
     return (tl.load(row + F_H), tl.load(row + F_W), tl.load(row + F_OH), tl.load(row + F_OW),
@@ -399,11 +407,7 @@ def power_iter_fwd_kernel(
     one 512x512 dense layer took 427 us)."""
     l = tl.program_id(0)
     row = meta_ptr + l * META_WIDTH
-    kind = tl.load(row + F_KIND)
-    x_off = tl.load(row + F_XOFF)
-    y_off = tl.load(row + F_YOFF)
-    CIN = tl.load(row + F_CIN)
-    COUT = tl.load(row + F_COUT)
+    kind, x_off, y_off, w_off, CIN, COUT = _load_row_head(row)
     H, W, OH, OW, KH, KW, SH, SW, PH, PW, DH, DW, G, CIRC = _load_conv_geom(row)
     w_ptr = tl.load(wptr_ptr + l).to(tl.pointer_type(W_DTYPE), bitcast=True)
     NI = CIN * H * W
@@ -432,7 +436,6 @@ def power_iter_fwd_kernel(
     if WRITE_WHAT:
         # W / sigma rounded once from the exact quotient (div_rn), as torch's `weight / sigma`
         # is: the normalized weight matches torch's to the last bit for the same sigma
-        w_off = tl.load(row + F_WOFF)
         n_w = COUT * (CIN // G) * KH * KW
         for e0 in range(0, n_w, BLOCK_V):
             offs = e0 + tl.arange(0, BLOCK_V)
@@ -469,12 +472,7 @@ def power_iter_bwd_kernel(
     l = tl.load(tiles_ptr + 2 * t)
     tile = tl.load(tiles_ptr + 2 * t + 1)
     row = meta_ptr + l * META_WIDTH
-    kind = tl.load(row + F_KIND)
-    x_off = tl.load(row + F_XOFF)
-    y_off = tl.load(row + F_YOFF)
-    w_off = tl.load(row + F_WOFF)
-    CIN = tl.load(row + F_CIN)
-    COUT = tl.load(row + F_COUT)
+    kind, x_off, y_off, w_off, CIN, COUT = _load_row_head(row)
     sigma = tl.load(sig_ptr + l)
 
     coef = sigma * 0.0
