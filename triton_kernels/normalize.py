@@ -14,7 +14,6 @@ and W for the dot, pass 2 reads G again (now from L2 for layers up to a few MB) 
 """
 from __future__ import annotations
 
-import torch
 import triton
 import triton.language as tl
 
