@@ -7,10 +7,12 @@ Providers (same model weights, same inputs, same run, round-robin timed):
   torch_sn    torch.nn.utils.parametrizations.spectral_norm on every layer
   deel        deel-torchlip SpectralLinear / SpectralConv2d (if installed; note it also
               orthonormalizes (Bjorck) -- a different, costlier normalization)
-  lipkern     lipkern.nn.spectral_norm_model (one fused call per forward; strategy "auto":
-              "fused_weights" on CUDA, "scaled_outputs" on the CPU)
-  lipkern_scaled  the same with strategy="scaled_outputs" (GPU runs only: on the CPU it is
-              what "auto" picks)
+  lipkern     lipkern.nn.spectral_norm_model, strategy "auto": "fused_weights" on CUDA (one
+              fused launch per forward writes every W / sigma); on the CPU "inline" for the
+              Linear-only MLP (each layer's power iteration inside its own op, no separate
+              pass over the weights) and "scaled_outputs" for the critic
+  lipkern_scaled  strategy="scaled_outputs": one fused call per forward for the sigmas, the
+              layers scale their outputs (the CPU default before "inline")
 
 The figure that matters is the overhead: step time minus plain's step time. Workloads: a
 100-layer MLP of width 512 (ReLU), and an SNGAN-style CIFAR critic (Miyato et al. 2018:
@@ -99,9 +101,8 @@ def make_deel(base):
 def providers(include_deel=True, device="cpu"):
     out = {"plain": lambda b: copy.deepcopy(b), "torch_sn": make_torch_sn,
            "lipkern": make_lipkern}
-    if device != "cpu":
-        out["lipkern_scaled"] = lambda b: lipkern.nn.spectral_norm_model(
-            copy.deepcopy(b), strategy="scaled_outputs")
+    out["lipkern_scaled"] = lambda b: lipkern.nn.spectral_norm_model(
+        copy.deepcopy(b), strategy="scaled_outputs")
     if include_deel:
         try:
             import deel.torchlip  # noqa: F401
@@ -126,8 +127,9 @@ def measure(workload, batch, reps, warmup, include_deel=True, device="cpu"):
     torch.manual_seed(0)
     base = make_model().to(device)
     x = make_x(batch).to(device)
-    steps = {name: step_fn(make(base), x)
-             for name, make in providers(include_deel, device).items()}
+    models = {name: make(base) for name, make in providers(include_deel, device).items()}
+    steps = {name: step_fn(m, x) for name, m in models.items()}
+    measure.strategy = resolved_strategy(models["lipkern"])
     for f in steps.values():
         for _ in range(warmup):
             f()
@@ -144,6 +146,14 @@ def measure(workload, batch, reps, warmup, include_deel=True, device="cpu"):
     launches = {n: count_launches(f, device) for n, f in steps.items()}
     return {n: statistics.median(t) * 1e3 for n, t in times.items()}, \
         {n: min(t) * 1e3 for n, t in times.items()}, len(_layers(base)), launches
+
+
+def resolved_strategy(model):
+    """What spectral_norm_model's strategy="auto" runs for this model's weights."""
+    group = model._lipkern_spectral_norm
+    w = group.originals()[0]
+    return "inline" if group.inline(w) else \
+        "fused_weights" if group.fused_weights(w) else "scaled_outputs"
 
 
 def count_launches(step, device):
@@ -166,7 +176,7 @@ def print_table(workload, batch, n_layers, med, best, launches, device):
     torch_over = med["torch_sn"] - plain
     unit = "kernels" if device != "cpu" else "aten ops"
     print(f"\n{workload}: {n_layers} normalized layers, batch {batch} -- per training step "
-          f"(fwd+bwd+SGD), median ms")
+          f"(fwd+bwd+SGD), median ms; lipkern = strategy {measure.strategy!r}")
     print(f"{'provider':10s} {'step ms':>9s} {'min ms':>9s} {'overhead ms':>12s} "
           f"{'torch overhead / this':>22s} {unit + '/step':>14s}")
     for n, t in med.items():
@@ -200,7 +210,7 @@ def main(argv=None):
                     bench="spectral_norm", workload=w, batch=batch, layers=n_layers,
                     median_ms=med, min_ms=best,
                     overhead_ms={n: med[n] - med["plain"] for n in med},
-                    launches_per_step=launches,
+                    launches_per_step=launches, lipkern_strategy=measure.strategy,
                     launch_unit="cuda kernels" if args.device != "cpu" else "aten ops",
                     device=device_name(torch.device(args.device)), versions=versions(),
                     date=datetime.date.today().isoformat(), reps=args.reps)) + "\n")

@@ -12,4 +12,18 @@ TORCH_LIBRARY_FRAGMENT(lipkern, m) {
       "power_iter_ext_backward(Tensor x, Tensor u, Tensor sigmas, Tensor? grad_sigmas, "
       "Tensor? grad_lipschitz, Tensor? grad_log_lipschitz, int[] meta, "
       "ScalarType weight_dtype) -> Tensor");
+  // One spectrally normalized Linear layer whose power iteration rides in its own matmul
+  // (csrc/cpu/sn_linear.cpp; python/lipkern/ops/sn_linear.py). Differentiable in x, weight
+  // and bias (a C++ autograd kernel); sigma, u_new and v_new are not differentiable.
+  m.def(
+      "sn_linear(Tensor x, Tensor weight, Tensor? bias, Tensor u, Tensor v, int n_iters, "
+      "float eps) -> (Tensor, Tensor, Tensor, Tensor)");
+  // its two halves: the forward also returns what the backward reads (z = x W^T,
+  // x_aug = [x; v_new]); the backward returns empty tensors for the gradients not asked for
+  m.def(
+      "sn_linear_forward(Tensor x, Tensor weight, Tensor? bias, Tensor u, Tensor v, "
+      "int n_iters, float eps) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
+  m.def(
+      "sn_linear_backward(Tensor grad_y, Tensor x_aug, Tensor weight, Tensor z, "
+      "Tensor sigma, Tensor u_new, bool[3] output_mask) -> (Tensor, Tensor, Tensor)");
 }

@@ -26,6 +26,12 @@ def pytest_collection_modifyitems(config, items):
 
 
 @pytest.fixture(autouse=True)
+def _poison_compiled_outputs(monkeypatch):
+    """The compiled CPU layer op (lipkern::sn_linear) fills its outputs with NaN first."""
+    monkeypatch.setenv("LIPKERN_POISON_OUTPUTS", "1")
+
+
+@pytest.fixture(autouse=True)
 def _poison_triton_outputs(monkeypatch):
     """Every Triton launch in the tests starts from NaN-filled outputs."""
     try:

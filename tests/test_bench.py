@@ -54,7 +54,11 @@ def test_spectral_norm_bench_runs(tmp_path, capsys):
     text = capsys.readouterr().out
     assert "torch_sn" in text and "lipkern" in text and "overhead ms" in text
     row = json.loads(out.read_text().splitlines()[0])
-    assert set(row["median_ms"]) == {"plain", "torch_sn", "lipkern"} and row["layers"] == 100
+    assert set(row["median_ms"]) == {"plain", "torch_sn", "lipkern", "lipkern_scaled"}
+    assert row["layers"] == 100
+    import lipkern
+    assert row["lipkern_strategy"] == ("inline" if lipkern.ops.sn_linear.available()
+                                       else "scaled_outputs")
     # work per step is counted for every provider (aten ops on the CPU, kernels on a GPU)
     assert set(row["launches_per_step"]) == set(row["median_ms"])
     assert row["launches_per_step"]["torch_sn"] > row["launches_per_step"]["plain"] > 0

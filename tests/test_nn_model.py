@@ -35,11 +35,11 @@ def _net(seed=0, transposed=False):
     return nn.Sequential(*layers)
 
 
-def _per_layer_torch(model, types):
+def _per_layer_torch(model, types, **kw):
     torch.manual_seed(1)  # the same draws, in model order, as spectral_norm_model below
     for m in model.modules():
         if isinstance(m, types):
-            torch_sn(m)
+            torch_sn(m, **kw)
     return model
 
 
@@ -349,3 +349,143 @@ def test_refuses_what_it_cannot_fuse():
         m[0].weight[0, 0, 0, 0] = float("nan")
     with pytest.raises(ValueError, match=r"0\.weight contains NaN"):
         spectral_norm_model(m)
+
+
+# ---------------------------------------------------------------- strategy "inline" (CPU)
+def _mlp(seed=0, width=10):
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(12, width), nn.ReLU(), nn.Linear(width, width, bias=False),
+                         nn.Tanh(), nn.Linear(width, 3))
+
+
+def _train_mlp(model, steps=3, seed=5, two_forwards=False):
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    g = torch.Generator().manual_seed(seed)
+    outs = []
+    for _ in range(steps):
+        x = torch.randn(4, 12, generator=g)
+        opt.zero_grad()
+        y = model(x)
+        loss = y.square().mean() + (model(-x).sum() if two_forwards else 0)
+        loss.backward()
+        outs.append((y.detach().clone(), [p.grad.clone() for p in model.parameters()],
+                     {k: v.clone() for k, v in _buffers(model).items()}))
+        opt.step()
+    return outs
+
+
+def _lipkern_ops(model, x):
+    from torch.profiler import profile
+    with profile() as prof:
+        model(x).sum().backward()
+    return [e.name for e in prof.events() if e.name.startswith("lipkern::")]
+
+
+inline_only = pytest.mark.skipif(not lipkern.ops.sn_linear.available(),
+                                 reason="lipkern._C is not built")
+
+
+@inline_only
+@pytest.mark.parametrize("n_power_iterations", [1, 3])
+@pytest.mark.parametrize("strategy", ["auto", "inline"])
+@pytest.mark.parametrize("two_forwards", [False, True])
+def test_inline_matches_torch_per_layer_spectral_norm(strategy, n_power_iterations,
+                                                      two_forwards):
+    """A Linear-only model on the CPU: "auto" picks "inline" (each layer one lipkern::sn_linear,
+    no separate power-iteration call). Outputs, every gradient and every vector over 3 training
+    steps (also with two forwards before one backward) and an eval forward match torch's
+    per-layer spectral_norm; same tolerances as above."""
+    want_m = _per_layer_torch(_mlp(), nn.Linear, n_power_iterations=n_power_iterations)
+    got_m = _ours(_mlp(), n_power_iterations=n_power_iterations, strategy=strategy)
+    for (yw, gw, bw), (yg, gg, bg) in zip(_train_mlp(want_m, two_forwards=two_forwards),
+                                          _train_mlp(got_m, two_forwards=two_forwards)):
+        torch.testing.assert_close(yg, yw, rtol=1e-4, atol=1e-5)
+        for a, b in zip(gg, gw):
+            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+        for k, v in bw.items():
+            torch.testing.assert_close(bg[k], v, rtol=1e-4, atol=1e-5)
+    group = got_m._lipkern_spectral_norm
+    assert group.calls == 0  # no fused call per forward (registration is not counted)
+    x = torch.randn(2, 12)
+    want_m.eval()
+    got_m.eval()
+    before = {k: v.clone() for k, v in _buffers(got_m).items()}
+    torch.testing.assert_close(got_m(x), want_m(x), rtol=1e-4, atol=1e-5)
+    for k, v in _buffers(got_m).items():  # eval does not update
+        torch.testing.assert_close(v, before[k], rtol=0, atol=0)
+    torch.testing.assert_close(got_m[-1].weight, want_m[-1].weight, rtol=1e-4, atol=1e-6)
+
+
+@inline_only
+def test_inline_runs_one_layer_op_per_layer_and_nothing_else():
+    model = _ours(_mlp())
+    x = torch.randn(3, 12)
+    model(x).sum().backward()
+    names = _lipkern_ops(model, x)
+    assert names.count("lipkern::sn_linear") == 3, names
+    assert not [n for n in names if "power_iter" in n or "normalize" in n], names
+    # the one-launch strategies stay one op per forward on the same model
+    one = _ours(_mlp(), strategy="scaled_outputs", backend="cpp")
+    one(x).sum().backward()
+    fwd = [n for n in _lipkern_ops(one, x) if "backward" not in n]
+    assert fwd == ["lipkern::power_iter_ext"], fwd
+
+
+@inline_only
+def test_inline_layer_called_twice_is_normalized_once():
+    """A layer used twice in one forward: one update of its vectors, both calls with the
+    same normalized weight -- torch's per-layer spectral_norm inside parametrize.cached()."""
+    from torch.nn.utils import parametrize
+
+    def shared(seed):
+        torch.manual_seed(seed)
+        lin = nn.Linear(8, 8)
+        return nn.Sequential(lin, nn.ReLU(), lin, nn.Linear(8, 2))
+
+    want_m = _per_layer_torch(shared(0), nn.Linear)
+    got_m = _ours(shared(0))
+    x = torch.randn(5, 8)
+    for _ in range(2):
+        with parametrize.cached():
+            yw = want_m(x)
+        yg = got_m(x)
+        torch.testing.assert_close(yg, yw, rtol=1e-4, atol=1e-5)
+        yw.square().sum().backward()
+        yg.square().sum().backward()
+        for a, b in zip(got_m.parameters(), want_m.parameters()):
+            torch.testing.assert_close(a.grad, b.grad, rtol=1e-4, atol=1e-5)
+        for k, v in _buffers(want_m).items():
+            torch.testing.assert_close(_buffers(got_m)[k], v, rtol=1e-4, atol=1e-5)
+
+
+@inline_only
+def test_inline_falls_back_where_it_does_not_apply():
+    """bfloat16 weights and autocast take the one-call scaled path (same model object);
+    explicit strategy="inline" on a model with convs is refused."""
+    model = _ours(_mlp()).to(torch.bfloat16)
+    want = _per_layer_torch(_mlp(), nn.Linear).to(torch.bfloat16)
+    group = model._lipkern_spectral_norm
+    x = torch.randn(4, 12, dtype=torch.bfloat16)
+    calls = group.calls
+    torch.testing.assert_close(model(x).float(), want(x).float(), rtol=3e-2, atol=3e-2)
+    assert group.calls == calls + 1
+    with pytest.raises(ValueError, match="strategy='inline'.*nn.Linear"):
+        _ours(_net(), strategy="inline")
+
+
+@inline_only
+@pytest.mark.parametrize("compiler", ["aot_eager", "inductor"])
+def test_inline_under_torch_compile_fullgraph(compiler):
+    eager = _ours(_mlp())
+    comp_m = copy.deepcopy(eager)
+    compiled = torch.compile(comp_m, fullgraph=True, backend=compiler)
+    x = torch.randn(4, 12)
+    for _ in range(2):
+        ye, yc = eager(x), compiled(x)
+        torch.testing.assert_close(yc, ye, rtol=1e-5, atol=1e-6)
+        ye.square().sum().backward()
+        yc.square().sum().backward()
+    for a, b in zip(comp_m.parameters(), eager.parameters()):
+        torch.testing.assert_close(a.grad, b.grad, rtol=1e-5, atol=1e-6)
+    for k, v in _buffers(eager).items():
+        torch.testing.assert_close(_buffers(comp_m)[k], v, rtol=1e-6, atol=1e-7)

@@ -24,109 +24,12 @@
 #include <vector>
 
 #include "../layout.h"
+#include "dense.h"
 
 namespace lipkern {
 namespace cpu {
 namespace {
 
-// ---------------------------------------------------------------- dense inner loops
-// Built for AVX-512, AVX2 and baseline x86-64, chosen at load time (GCC target_clones):
-// these loops stream W, and the vector width sets how fast (measured: see bench/NOTES.md).
-#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__)
-#define LIPKERN_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
-#else
-#define LIPKERN_CLONES
-#endif
-
-// The dot product keeps 32 independent partial sums (two AVX-512 registers): vectorized
-// without any licence to reassociate, and enough to hide the FMA latency (an
-// `omp simd reduction` here stayed scalar).
-#define LIPKERN_INLINE inline __attribute__((always_inline))
-
-// Whole loops are multi-versioned (not per-row helpers: an ifunc call per row cost 30% of
-// a 256x256 pass); the helpers inline into each version.
-template <typename T>
-LIPKERN_INLINE T dot_(const T* __restrict a, const T* __restrict b, int64_t n) {
-  T part[32] = {0};
-  int64_t j = 0;
-  for (; j + 32 <= n; j += 32)
-    for (int k = 0; k < 32; ++k) part[k] += a[j + k] * b[j + k];
-  for (; j < n; ++j) part[j & 31] += a[j] * b[j];
-  for (int w = 16; w > 0; w >>= 1)  // a tree: a chain of 32 dependent adds is 128 cycles
-    for (int k = 0; k < w; ++k) part[k] += part[k + w];
-  return part[0];
-}
-
-#define LIPKERN_DENSE_LOOPS(T)                                                              \
-  /* y = W x for rows [r0, r1); if xn: xn += W^T y over those rows (row i still in L1).     \
-     Returns sum of y^2. */                                                                 \
-  LIPKERN_CLONES T dense_rows(const T* W, int64_t n, int64_t r0, int64_t r1, const T* x,    \
-                              T* y, T* __restrict xn) {                                     \
-    T ss = 0;                                                                               \
-    for (int64_t i = r0; i < r1; ++i) {                                                     \
-      const T* __restrict row = W + i * n;                                                  \
-      const T acc = dot_(row, x, n);                                                        \
-      y[i] = acc;                                                                           \
-      ss += acc * acc;                                                                      \
-      if (xn)                                                                               \
-        for (int64_t j = 0; j < n; ++j) xn[j] += acc * row[j];                              \
-    }                                                                                       \
-    return ss;                                                                              \
-  }                                                                                         \
-  /* grad[i, j] = c * u[i] * x[j] for rows [r0, r1) */                                      \
-  LIPKERN_CLONES void outer_rows(T* __restrict grad, int64_t n, int64_t r0, int64_t r1,     \
-                                 T c, const T* __restrict u, const T* __restrict x) {       \
-    for (int64_t i = r0; i < r1; ++i) {                                                     \
-      const T cu = c * u[i];                                                                \
-      for (int64_t j = 0; j < n; ++j) grad[i * n + j] = cu * x[j];                          \
-    }                                                                                       \
-  }                                                                                         \
-  LIPKERN_CLONES void copy_into(T* __restrict y, const T* __restrict x, int64_t n) {        \
-    for (int64_t j = 0; j < n; ++j) y[j] = x[j];                                            \
-  }                                                                                         \
-  LIPKERN_CLONES void add_into(T* __restrict y, const T* __restrict x, int64_t n) {         \
-    for (int64_t j = 0; j < n; ++j) y[j] += x[j];                                           \
-  }
-
-LIPKERN_DENSE_LOOPS(float)
-LIPKERN_DENSE_LOOPS(double)
-
-// ---------------------------------------------------------------- helpers
-template <typename T>
-at::Tensor view(const T* p, int64_t rows, int64_t cols) {
-  return at::from_blob(const_cast<T*>(p), {rows, cols},
-                       at::TensorOptions().dtype(c10::CppTypeToScalarType<T>::value));
-}
-
-template <typename T>
-T sumsq(const T* v, int64_t n) {
-  T s = 0;
-#pragma omp simd reduction(+ : s)
-  for (int64_t i = 0; i < n; ++i) s += v[i] * v[i];
-  return s;
-}
-
-template <typename T>
-T dot(const T* a, const T* b, int64_t n) {
-  T s = 0;
-#pragma omp simd reduction(+ : s)
-  for (int64_t i = 0; i < n; ++i) s += a[i] * b[i];
-  return s;
-}
-
-template <typename T>
-void scale_into(const T* src, T* dst, int64_t n, T s) {
-  for (int64_t i = 0; i < n; ++i) dst[i] = src[i] * s;
-}
-
-// dst = src / max(||src||, eps); returns ||src||
-template <typename T>
-T normalize_into(const T* src, T* dst, int64_t n, double eps) {
-  const T nrm = std::sqrt(sumsq(src, n));
-  const T inv = T(1) / std::max(nrm, T(eps));
-  for (int64_t i = 0; i < n; ++i) dst[i] = src[i] * inv;
-  return nrm;
-}
 
 inline bool direct_1x1(const Geom& g) {  // C is a plain matmul per group: no im2col
   return g.kh == 1 && g.kw == 1 && g.sh == 1 && g.sw == 1 && g.ph == 0 && g.pw == 0 &&
@@ -382,21 +285,7 @@ T apply_ct(const Geom& g0, const T* W, const T* src, T* dst, Scratch<T>& s) {
 // ---------------------------------------------------------------- one layer, forward
 template <typename T>
 T dense_pass(const Geom& g, const T* W, const T* x, T* y, T* xn, bool parallel) {
-  if (xn) std::fill(xn, xn + g.cin, T(0));
-  if (!parallel) return dense_rows(W, g.cin, 0, g.cout, x, y, xn);
-  // rows split over threads, each with its own xn partial
-  const int nt = at::get_num_threads();
-  std::vector<T> part(xn ? size_t(nt) * g.cin : 0, T(0)), ss(nt, T(0));
-  at::parallel_for(0, nt, 1, [&](int64_t b, int64_t e) {
-    for (int64_t t = b; t < e; ++t) {
-      const int64_t r0 = g.cout * t / nt, r1 = g.cout * (t + 1) / nt;
-      ss[t] = dense_rows(W, g.cin, r0, r1, x, y, xn ? part.data() + t * g.cin : nullptr);
-    }
-  });
-  if (xn)
-    for (int t = 0; t < nt; ++t)
-      for (int64_t j = 0; j < g.cin; ++j) xn[j] += part[t * g.cin + j];
-  return std::accumulate(ss.begin(), ss.end(), T(0));
+  return dense_pass(g.cout, g.cin, W, x, y, xn, parallel);
 }
 
 // y = A x (and for dense, xn = A^T A x in the same pass when xn != nullptr)

@@ -237,6 +237,28 @@ def normalize(weights: Sequence[torch.Tensor],
                            r.sigmas, r.state)
 
 
+def sn_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
+              u: torch.Tensor, v: torch.Tensor, n_iters: int = 1, eps: float = 1e-12):
+    r"""Reference of ``lipkern::sn_linear`` (:mod:`lipkern.ops.sn_linear`): one Linear layer
+    under torch's spectral_norm, written as torch's parametrization computes it.
+
+    ``n_iters`` updates ``u = normalize(W v)``, ``v = normalize(W^T u)`` (u0 and v0 are
+    renormalized first), ``sigma = u^T W v``, and ``y = x (W / sigma)^T + b``. Gradients flow
+    to x, weight and bias with u and v held constant. Shapes: x (..., in), weight (out, in),
+    bias (out,) or None, u (out,), v (in,). Returns (y (..., out), sigma (), u (out,), v (in,));
+    sigma, u and v carry no gradient.
+    """
+    with torch.no_grad():
+        u, _ = _normalize(u, eps)
+        v, _ = _normalize(v, eps)
+        for _ in range(n_iters):
+            u, _ = _normalize(weight @ v, eps)
+            v, _ = _normalize(weight.t() @ u, eps)
+    sigma = torch.dot(u, weight @ v)
+    y = torch.nn.functional.linear(x, weight / sigma, bias)
+    return y, sigma.detach(), u, v
+
+
 # ---------------------------------------------------------------- exact sigma
 EXACT_MAX_ELEMENTS = 1 << 26  # 512 MiB of float64 for the dense operator matrix
 

@@ -16,16 +16,23 @@ Differences from per-layer spectral_norm, all deliberate:
 * a layer called twice in one model forward is normalized once (as under
   ``torch.nn.utils.parametrize.cached()``); a weight read outside a model forward is
   normalized on its own (the per-layer path, with the same train/eval rules);
-* how the layers apply the fused call's sigmas (``strategy``; the same function and
-  gradient either way): "fused_weights" (the default on CUDA with Triton) -- the one fused
-  launch also writes every ``W / sigma`` (:func:`lipkern.fused_normalize`), each layer runs
-  its own op on it, and one more launch returns every weight gradient: a model's
-  normalization costs two launches per training step instead of ~20 small kernels per layer;
-  "scaled_outputs" (the default elsewhere) -- each layer computes ``layer(x; W) / sigma + b``
-  (:mod:`lipkern.nn.scaled_layer`) at O(output) instead of two weight-sized passes and
-  allocations per step. Layers the scaled path cannot take (string ``padding='same'``,
-  ``output_size=`` of transposed convs, autocast) use the weight parametrization (division
-  by the fused call's sigma);
+* how the work is laid out (``strategy``; the same function and gradient every way):
+  "fused_weights" (the default on CUDA with Triton) -- the one fused launch also writes
+  every ``W / sigma`` (:func:`lipkern.fused_normalize`), each layer runs its own op on it,
+  and one more launch returns every weight gradient: a model's normalization costs two
+  launches per training step instead of ~20 small kernels per layer;
+  "scaled_outputs" -- the one fused call gives the sigmas and each layer computes
+  ``layer(x; W) / sigma + b`` (:mod:`lipkern.nn.scaled_layer`) at O(output) instead of two
+  weight-sized passes and allocations per step. Layers the scaled path cannot take (string
+  ``padding='same'``, ``output_size=`` of transposed convs, autocast) use the weight
+  parametrization (division by the fused call's sigma);
+  "inline" (the default on the CPU for Linear-only models) -- no separate call: each layer
+  is one ``lipkern::sn_linear`` (:mod:`lipkern.ops.sn_linear`) whose power iteration runs
+  right after its own GEMM, on a weight still hot in cache, and whose sigma gradient rides
+  in its weight-gradient GEMM. On a CPU the separate call's extra DRAM pass over every
+  weight is the largest remaining cost (100 x 512^2 fp32: ~4 ms); here it is gone. This is
+  the one strategy with one op per layer rather than one per model; float32/float64
+  weights outside autocast (else that forward takes "scaled_outputs");
 * ``cache_eval=True``: eval forwards reuse the sigmas (and vectors) of the first eval forward
   until a weight or a vector changes or the model goes back to training: zero power
   iterations per eval forward. Gradients still reach the weights through the layers (the
@@ -40,8 +47,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.nn.utils import parametrize
 
-from ..backends import resolve_backend
+from ..backends import load_ext, resolve_backend
 from ..layout import Layout, PowerIterState, layout_for
+from ..ops import sn_linear as _sn_linear  # noqa: F401  (registers lipkern::sn_linear's fakes)
 from ..power_iter import fused_normalize, fused_power_iter
 from ..spec import ConvSpec
 from ..validate import compute_dtype
@@ -54,7 +62,8 @@ __all__ = ["spectral_norm_model", "remove_spectral_norm_model", "SpectralNormGro
 DEFAULT_TYPES = (nn.Linear, nn.Conv1d, nn.Conv2d)
 SUPPORTED_TYPES = DEFAULT_TYPES + (nn.ConvTranspose1d, nn.ConvTranspose2d)
 _ATTR = "_lipkern_spectral_norm"
-STRATEGIES = ("auto", "fused_weights", "scaled_outputs")
+STRATEGIES = ("auto", "fused_weights", "scaled_outputs", "inline")
+_SN_LINEAR = torch.ops.lipkern.sn_linear.default if _sn_linear.available() else None
 
 
 class GroupedSpectralNorm(nn.Module):
@@ -88,8 +97,14 @@ class GroupedSpectralNorm(nn.Module):
         type(module).forward = _grouped_forward
 
 
+def _plist(module: nn.Module):
+    """``module.parametrizations.weight`` by direct dict lookups: nn.Module.__getattr__ and
+    ModuleList indexing cost ~1 us each, per layer per forward."""
+    return module._modules["parametrizations"]._modules["weight"]
+
+
 def _grouped_forward(self, input):
-    p = self.parametrizations.weight[0]
+    p = self._modules["parametrizations"]._modules["weight"]._modules["0"]
     return p.group.layer_forward(p.index, self, input)
 
 
@@ -124,17 +139,30 @@ class SpectralNormGroup:
         self._sigma_list = self._u_list = self._x_list = None
         self._scaled_ok = False  # this forward may use ScaledLayer
         self._what: Optional[List[torch.Tensor]] = None  # this forward's W_l / sigma_l
+        # "inline" forwards: the layers' weights, n_iters, and the new vectors per layer
+        self._inline: Optional[Tuple[List[torch.Tensor], int]] = None
+        self._pending: dict = {}
+        self.all_linear = all(isinstance(m, nn.Linear) and s is None and d == 0
+                              for m, s, d in zip(modules, specs, dims))
         self._eval_cache = None  # (key, sigmas, state) of cache_eval
         self.conv_args = [_conv_args(m) for m in self.modules]  # False: division path
         self.fast = [c is not False for c in self.conv_args]
         self.calls = 0  # fused calls made (for tests and curious users)
 
     # ------------------------------------------------------------ the layers
+    def plists(self) -> list:
+        """Every layer's ``parametrizations.weight`` (cached: fixed while the group lives;
+        deepcopy and pickle copy the cache along with the modules)."""
+        pl = self.__dict__.get("_plists")
+        if pl is None:
+            pl = self._plists = [_plist(m) for m in self.modules]
+        return pl
+
     def params(self) -> List[GroupedSpectralNorm]:
-        return [m.parametrizations.weight[0] for m in self.modules]
+        return [pl._modules["0"] for pl in self.plists()]
 
     def originals(self) -> List[torch.Tensor]:
-        return [m.parametrizations.weight.original for m in self.modules]
+        return [_original(pl) for pl in self.plists()]
 
     def op_weight(self, i: int, w: torch.Tensor) -> torch.Tensor:
         """Layer i's weight as the fused op reads it (torch's matrix: ``dim`` first)."""
@@ -178,6 +206,18 @@ class SpectralNormGroup:
         return w.device.type == "cuda" and \
             resolve_backend(self.backend, w.device, w.dtype) == "triton"
 
+    def inline(self, w: torch.Tensor) -> bool:
+        """Whether this forward uses the "inline" strategy for weights like ``w``
+        (``strategy="auto"``: every layer a Linear in matrix mode, CPU tensors, the compiled
+        extension built, backend "auto" or "cpp"); float32/float64 only and not under
+        autocast (else the forward falls back to "scaled_outputs")."""
+        if self.strategy not in ("inline", "auto") or not self.all_linear:
+            return False
+        if self.strategy == "auto" and self.backend not in ("auto", "cpp"):
+            return False
+        return (w.device.type == "cpu" and w.dtype in (torch.float32, torch.float64)
+                and not torch.is_autocast_enabled() and load_ext() is not None)
+
     @staticmethod
     def _store(state: PowerIterState, v: torch.Tensor, u: torch.Tensor) -> None:
         """A training forward's vectors into the buffers, in place (DDP broadcasts into them),
@@ -196,6 +236,11 @@ class SpectralNormGroup:
             return
         self._ensure_packed(params)
         originals = self.originals()
+        if self.inline(originals[0]):
+            # no fused call: each layer's own matmul carries its power iteration
+            self._inline = (originals, self.n_power_iterations if training else 0)
+            self._pending = {}
+            return
         self._scaled_ok = not torch.is_autocast_enabled()
         if not training and self.cache_eval and not torch.compiler.is_compiling():
             key = self._cache_key(originals)
@@ -241,8 +286,20 @@ class SpectralNormGroup:
     def end_forward(self) -> None:
         """The model's forward hook (also after an exception): later weight reads outside a
         forward take the per-layer path."""
-        self._sigmas = self._what = None
+        if self._pending:
+            self._store_inline()
+        self._sigmas = self._what = self._inline = None
         self._sigma_list = self._u_list = self._x_list = None
+
+    def _store_inline(self) -> None:
+        """An "inline" training forward's new vectors into the layers' buffers: one
+        ``_foreach_copy_`` per side for the whole model (skipped under vmap, as _store)."""
+        pending, self._pending = self._pending, {}
+        items = [(self._views[i], uv) for i, uv in pending.items() if not _in_vmap(uv[0])]
+        if items:
+            with torch.no_grad():
+                torch._foreach_copy_([b[0] for b, _ in items], [uv[0] for _, uv in items])
+                torch._foreach_copy_([b[1] for b, _ in items], [uv[1] for _, uv in items])
 
     def _cache_key(self, originals) -> Tuple:
         return (tuple((w._version, w.data_ptr(), w.dtype, w.device) for w in originals),
@@ -250,8 +307,24 @@ class SpectralNormGroup:
 
     def layer_forward(self, i: int, module: nn.Module, x: torch.Tensor) -> torch.Tensor:
         """Layer i's forward: its own op on the fused call's ``W / sigma`` ("fused_weights"),
-        ``layer(x; W) / sigma + b`` ("scaled_outputs"), or the layer's own forward on its
-        parametrized (divided) weight."""
+        ``layer(x; W) / sigma + b`` ("scaled_outputs"), the layer's own op with its power
+        iteration folded in ("inline"), or the layer's own forward on its parametrized
+        (divided) weight."""
+        if self._inline is not None:
+            originals, n_iters = self._inline
+            w = originals[i]
+            if x.dtype == w.dtype and x.device == w.device and not _in_vmap(x) \
+                    and not _in_vmap(w):
+                first = self._pending.get(i)
+                if first is None:
+                    u, v = self._views[i]
+                else:  # called again in this forward: normalized once, with its new vectors
+                    (u, v), n_iters = first, 0
+                y, _, u_new, v_new = _SN_LINEAR(x, w, _bias(module), u, v, n_iters, self.eps)
+                if n_iters:
+                    self._pending[i] = (u_new, v_new)
+                return y
+            return type(module).__bases__[0].forward(module, x)
         if self._what is not None:
             if isinstance(module, nn.Linear):
                 return F.linear(x, self._what[i], module.bias)
@@ -292,6 +365,17 @@ class SpectralNormGroup:
 
     def post_hook(self, module, args, output):
         self.end_forward()
+
+
+def _original(plist) -> torch.Tensor:
+    """``ParametrizationList.original`` (a parameter, or a buffer for a non-parameter)."""
+    t = plist._parameters.get("original")
+    return t if t is not None else plist.original
+
+
+def _bias(module: nn.Module) -> Optional[torch.Tensor]:
+    b = module._parameters.get("bias", _bias)
+    return module.bias if b is _bias else b  # not in _parameters: e.g. parametrized itself
 
 
 def _conv_args(m: nn.Module):
@@ -379,7 +463,9 @@ def spectral_norm_model(model: nn.Module, example_input=None, *, n_power_iterati
                         mode: str = "matrix", cache_eval: bool = False,
                         backend: str = "auto", strategy: str = "auto") -> nn.Module:
     """Spectrally normalize every selected layer of ``model`` in place, with ONE fused call
-    (one ``lipkern::`` op) per model forward for all of them. Returns the model.
+    (one ``lipkern::`` op) per model forward for all of them (strategy "inline", the CPU
+    default for Linear-only models, instead folds each layer's iteration into its own op).
+    Returns the model.
 
     Per layer this is :func:`lipkern.nn.spectral_norm` with the same arguments: the same
     values, gradients, buffers and state_dict keys as
@@ -406,8 +492,12 @@ def spectral_norm_model(model: nn.Module, example_input=None, *, n_power_iterati
             choice: there the per-layer launches are the cost); "scaled_outputs" -- each layer
             computes ``layer(x; W) / sigma + b`` with the sigma gradient folded into its
             weight-gradient GEMM: no weight-sized tensor per step (the CPU choice: there
-            weight-sized passes and fresh pages are the cost); "auto" -- "fused_weights"
-            where the fused op is the Triton kernel on CUDA tensors, else "scaled_outputs".
+            weight-sized passes and fresh pages are the cost); "inline" -- Linear layers
+            only, CPU: no separate call, each layer's power iteration runs inside its own
+            op (:func:`lipkern.sn_linear`) on its cache-hot weight; "auto" --
+            "fused_weights" where the fused op is the Triton kernel on CUDA tensors, "inline"
+            for a Linear-only model on the CPU (backend "auto" or "cpp", the extension
+            built), else "scaled_outputs".
 
     Remove with :func:`remove_spectral_norm_model`.
     """
@@ -450,6 +540,14 @@ def spectral_norm_model(model: nn.Module, example_input=None, *, n_power_iterati
             for (_, m), spec in zip(targets, specs)]
     group = SpectralNormGroup([m for _, m in targets], [q for q, _ in targets], specs, dims,
                               n_power_iterations, eps, backend, cache_eval, strategy)
+    if strategy == "inline":
+        if not group.all_linear:
+            raise ValueError("strategy='inline' folds the power iteration into Linear layers' "
+                             "own matmuls: every selected layer must be an nn.Linear (select "
+                             "them with types=/names=, or use strategy='scaled_outputs')")
+        if load_ext() is None:
+            from ..backends import _ext_missing
+            raise ValueError("strategy='inline' needs " + _ext_missing())
     weights = [group.op_weight(i, m.weight.detach()) for i, (_, m) in enumerate(targets)]
     group.layout = layout_for(tuple(tuple(w.shape) for w in weights), group.specs)
     us, vs = _initial_vectors(group, weights)

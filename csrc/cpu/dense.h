@@ -1,0 +1,189 @@
+// Dense inner loops and small vector helpers shared by the CPU kernels (power_iter.cpp,
+// sn_linear.cpp). Everything sits in an anonymous namespace: each translation unit gets its
+// own multi-versioned copies.
+#pragma once
+#include <ATen/ATen.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <numeric>
+#include <vector>
+
+#include <ATen/Parallel.h>
+
+namespace lipkern {
+namespace cpu {
+namespace {
+
+// ---------------------------------------------------------------- dense inner loops
+// Built for AVX-512, AVX2 and baseline x86-64, chosen at load time (GCC target_clones):
+// these loops stream W, and the vector width sets how fast (measured: see bench/NOTES.md).
+#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__)
+#define LIPKERN_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
+#else
+#define LIPKERN_CLONES
+#endif
+
+// The dot product keeps 32 independent partial sums (two AVX-512 registers): vectorized
+// without any licence to reassociate, and enough to hide the FMA latency (an
+// `omp simd reduction` here stayed scalar).
+#define LIPKERN_INLINE inline __attribute__((always_inline))
+
+// Whole loops are multi-versioned (not per-row helpers: an ifunc call per row cost 30% of
+// a 256x256 pass); the helpers inline into each version.
+template <typename T>
+LIPKERN_INLINE T dot_(const T* __restrict a, const T* __restrict b, int64_t n) {
+  T part[32] = {0};
+  int64_t j = 0;
+  for (; j + 32 <= n; j += 32)
+    for (int k = 0; k < 32; ++k) part[k] += a[j + k] * b[j + k];
+  for (; j < n; ++j) part[j & 31] += a[j] * b[j];
+  for (int w = 16; w > 0; w >>= 1)  // a tree: a chain of 32 dependent adds is 128 cycles
+    for (int k = 0; k < w; ++k) part[k] += part[k + w];
+  return part[0];
+}
+
+#define LIPKERN_DENSE_LOOPS(T)                                                              \
+  /* y = W x for rows [r0, r1); if xn: xn += W^T y over those rows (rows still in L1).      \
+     Four rows at a time: xn is loaded and stored once per four axpys (one row at a time,   \
+     that load/store made a hot 512x512 pass 1.8x the dot-only pass; the dots stay one row  \
+     at a time: a four-row dot ran 35% slower here).                                       \
+     Returns sum of y^2. */                                                                 \
+  LIPKERN_CLONES T dense_rows(const T* W, int64_t n, int64_t r0, int64_t r1, const T* x,    \
+                              T* y, T* __restrict xn) {                                     \
+    T ss = 0;                                                                               \
+    int64_t i = r0;                                                                         \
+    for (; i + 4 <= r1; i += 4) {                                                           \
+      const T* __restrict a0 = W + i * n;                                                   \
+      const T* __restrict a1 = a0 + n;                                                      \
+      const T* __restrict a2 = a1 + n;                                                      \
+      const T* __restrict a3 = a2 + n;                                                      \
+      const T d[4] = {dot_(a0, x, n), dot_(a1, x, n), dot_(a2, x, n), dot_(a3, x, n)};      \
+      for (int k = 0; k < 4; ++k) {                                                         \
+        y[i + k] = d[k];                                                                    \
+        ss += d[k] * d[k];                                                                  \
+      }                                                                                     \
+      if (xn)                                                                               \
+        for (int64_t j = 0; j < n; ++j)                                                     \
+          xn[j] += d[0] * a0[j] + d[1] * a1[j] + d[2] * a2[j] + d[3] * a3[j];               \
+    }                                                                                       \
+    for (; i < r1; ++i) {                                                                   \
+      const T* __restrict row = W + i * n;                                                  \
+      const T acc = dot_(row, x, n);                                                        \
+      y[i] = acc;                                                                           \
+      ss += acc * acc;                                                                      \
+      if (xn)                                                                               \
+        for (int64_t j = 0; j < n; ++j) xn[j] += acc * row[j];                              \
+    }                                                                                       \
+    return ss;                                                                              \
+  }                                                                                         \
+  /* grad[i, j] = c * u[i] * x[j] for rows [r0, r1) */                                      \
+  LIPKERN_CLONES void outer_rows(T* __restrict grad, int64_t n, int64_t r0, int64_t r1,     \
+                                 T c, const T* __restrict u, const T* __restrict x) {       \
+    for (int64_t i = r0; i < r1; ++i) {                                                     \
+      const T cu = c * u[i];                                                                \
+      for (int64_t j = 0; j < n; ++j) grad[i * n + j] = cu * x[j];                          \
+    }                                                                                       \
+  }                                                                                         \
+  /* xn += W^T y over rows [r0, r1) (the adjoint pass alone) */                             \
+  LIPKERN_CLONES void adjoint_rows(const T* W, int64_t n, int64_t r0, int64_t r1,           \
+                                   const T* __restrict y, T* __restrict xn) {               \
+    for (int64_t i = r0; i < r1; ++i) {                                                     \
+      const T* __restrict row = W + i * n;                                                  \
+      const T a = y[i];                                                                     \
+      for (int64_t j = 0; j < n; ++j) xn[j] += a * row[j];                                  \
+    }                                                                                       \
+  }                                                                                         \
+  LIPKERN_CLONES void copy_into(T* __restrict y, const T* __restrict x, int64_t n) {        \
+    for (int64_t j = 0; j < n; ++j) y[j] = x[j];                                            \
+  }                                                                                         \
+  LIPKERN_CLONES void add_into(T* __restrict y, const T* __restrict x, int64_t n) {         \
+    for (int64_t j = 0; j < n; ++j) y[j] += x[j];                                           \
+  }
+
+LIPKERN_DENSE_LOOPS(float)
+LIPKERN_DENSE_LOOPS(double)
+
+// ---------------------------------------------------------------- helpers
+template <typename T>
+at::Tensor view(const T* p, int64_t rows, int64_t cols) {
+  return at::from_blob(const_cast<T*>(p), {rows, cols},
+                       at::TensorOptions().dtype(c10::CppTypeToScalarType<T>::value));
+}
+
+template <typename T>
+T sumsq(const T* v, int64_t n) {
+  T s = 0;
+#pragma omp simd reduction(+ : s)
+  for (int64_t i = 0; i < n; ++i) s += v[i] * v[i];
+  return s;
+}
+
+template <typename T>
+T dot(const T* a, const T* b, int64_t n) {
+  T s = 0;
+#pragma omp simd reduction(+ : s)
+  for (int64_t i = 0; i < n; ++i) s += a[i] * b[i];
+  return s;
+}
+
+template <typename T>
+void scale_into(const T* src, T* dst, int64_t n, T s) {
+  for (int64_t i = 0; i < n; ++i) dst[i] = src[i] * s;
+}
+
+// dst = src / max(||src||, eps); returns ||src||
+template <typename T>
+T normalize_into(const T* src, T* dst, int64_t n, double eps) {
+  const T nrm = std::sqrt(sumsq(src, n));
+  const T inv = T(1) / std::max(nrm, T(eps));
+  for (int64_t i = 0; i < n; ++i) dst[i] = src[i] * inv;
+  return nrm;
+}
+
+// One pass over the (rows, cols) matrix W: y = W x and, when xn != nullptr, xn = W^T y
+// (row i still in L1). parallel: rows split over the threads, each with its own xn
+// partial. Returns sum of y^2.
+template <typename T>
+T dense_pass(int64_t rows, int64_t cols, const T* W, const T* x, T* y, T* xn, bool parallel) {
+  if (xn) std::fill(xn, xn + cols, T(0));
+  const int nt = parallel ? at::get_num_threads() : 1;
+  if (nt == 1) return dense_rows(W, cols, 0, rows, x, y, xn);
+  // per-thread partials: the calling thread's scratch, reused across calls (named through
+  // references: inside the lambda a thread_local name would be the worker's own)
+  thread_local std::vector<T> part_tl, ss_tl;
+  std::vector<T>& part = part_tl;
+  std::vector<T>& ss = ss_tl;
+  part.assign(xn ? size_t(nt) * cols : 0, T(0));
+  ss.assign(nt, T(0));
+  at::parallel_for(0, nt, 1, [&](int64_t b, int64_t e) {
+    for (int64_t t = b; t < e; ++t) {
+      const int64_t r0 = rows * t / nt, r1 = rows * (t + 1) / nt;
+      ss[t] = dense_rows(W, cols, r0, r1, x, y, xn ? part.data() + t * cols : nullptr);
+    }
+  });
+  if (xn)
+    for (int t = 0; t < nt; ++t) add_into(xn, part.data() + t * cols, cols);
+  return std::accumulate(ss.begin(), ss.end(), T(0));
+}
+
+// xn = W^T y, one pass over the (rows, cols) matrix W; parallel as in dense_pass.
+template <typename T>
+void adjoint_pass(int64_t rows, int64_t cols, const T* W, const T* y, T* xn, bool parallel) {
+  std::fill(xn, xn + cols, T(0));
+  const int nt = parallel ? at::get_num_threads() : 1;
+  if (nt == 1) return adjoint_rows(W, cols, 0, rows, y, xn);
+  thread_local std::vector<T> part_tl;
+  std::vector<T>& part = part_tl;  // see dense_pass
+  part.assign(size_t(nt) * cols, T(0));
+  at::parallel_for(0, nt, 1, [&](int64_t b, int64_t e) {
+    for (int64_t t = b; t < e; ++t)
+      adjoint_rows(W, cols, rows * t / nt, rows * (t + 1) / nt, y, part.data() + t * cols);
+  });
+  for (int t = 0; t < nt; ++t) add_into(xn, part.data() + t * cols, cols);
+}
+
+}  // namespace
+}  // namespace cpu
+}  // namespace lipkern
