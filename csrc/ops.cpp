@@ -18,7 +18,7 @@ TORCH_LIBRARY_FRAGMENT(lipkern, m) {
   m.def(
       "sn_linear(Tensor x, Tensor weight, Tensor? bias, Tensor u, Tensor v, int n_iters, "
       "float eps) -> (Tensor, Tensor, Tensor, Tensor)");
-  // its two halves: the forward also returns what the backward reads (z^T = W x^T,
+  // its two halves: the forward also returns what the backward reads (z = x W^T,
   // x_aug = [x; v_new]); the backward returns empty tensors for the gradients not asked for
   m.def(
       "sn_linear_forward(Tensor x, Tensor weight, Tensor? bias, Tensor u, Tensor v, "

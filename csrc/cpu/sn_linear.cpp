@@ -8,7 +8,7 @@
 // normalization overhead divided by ten. The layer's own matmul already streams W, so the
 // power iteration runs right after it, on a W that is hot in L2/L3:
 //
-//   forward   z^T = W x^T                   the layer's own GEMM
+//   forward   z = x W^T                     the layer's own GEMM (F.linear's call)
 //             y1 = W v0, t = W^T y1         one pass over the hot W (row i: a dot, then an
 //                                           axpy while the row is in L1)
 //             u1 = y1 / ||y1||, v1 = t / ||t||, sigma = ||W^T u1||^2 / max(||W^T u1||, eps)
@@ -78,7 +78,7 @@ void check_forward(const Tensor& x, const Tensor& w, const std::optional<Tensor>
   TORCH_CHECK(n_iters >= 0, "lipkern::sn_linear: n_iters must be >= 0");
 }
 
-// (y (*x.shape[:-1], out), z^T (out, B), x_aug (B+1, in), sigma (), u_new (out,),
+// (y (*x.shape[:-1], out), z (B, out), x_aug (B+1, in), sigma (), u_new (out,),
 //  v_new (in,))
 std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> sn_linear_forward_cpu(
     const Tensor& x_in, const Tensor& w_in, const std::optional<Tensor>& b_in,
@@ -97,11 +97,10 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> sn_linear_forward_cpu
   y_shape.back() = out;
   Tensor y = at::empty(y_shape, opt);
   poison_all({&xa, &u_new, &v_new, &sigma, &y});
-  // the layer's own GEMM as z^T = W x^T (out, B): for a skinny batch MKL runs this operand
-  // order 30% faster here than F.linear's x W^T (8 x 512 x 512: 59 against 85 us; bench/NOTES.md).
-  // (An extra row of x for W v0 would cost more than the hot pass below: MKL's 9-row sgemm
-  // took 27% longer than its 8-row one.)
-  Tensor za = at::mm(w, x.view({B, in}).t());
+  // the layer's own GEMM, the call F.linear makes (x W^T: MKL packs W, which leaves it in
+  // cache for the pass below; an extra row of x for W v0 would cost more than that pass:
+  // MKL's 9-row sgemm took 27% longer than its 8-row one here)
+  Tensor za = at::mm(x.view({B, in}), w.t());
   AT_DISPATCH_FLOATING_TYPES(w.scalar_type(), "lipkern_sn_linear_forward", [&] {
     using T = scalar_t;
     const T e = T(eps);
@@ -137,10 +136,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> sn_linear_forward_cpu
     const T* zp = za.data_ptr<T>();
     const T* bp = b.defined() ? b.data_ptr<T>() : nullptr;
     T* yp = y.data_ptr<T>();
-    for (int64_t j = 0; j < out; ++j) {  // y = (z^T)^T / sigma + b
-      const T bj = bp ? bp[j] : T(0);
-      for (int64_t r = 0; r < B; ++r) yp[r * out + j] = zp[j * B + r] / s + bj;
-    }
+    for (int64_t r = 0; r < B; ++r)  // y = z / sigma + b
+      for (int64_t j = 0; j < out; ++j) yp[r * out + j] = zp[r * out + j] / s + (bp ? bp[j] : T(0));
   });
   return {y, za, xa, sigma, u_new, v_new};
 }
@@ -168,11 +165,10 @@ std::tuple<Tensor, Tensor, Tensor> sn_linear_backward_cpu(
     const T* z = za.data_ptr<T>();
     T* a = ga.data_ptr<T>();
     T acc = 0;
-    for (int64_t r = 0; r < B; ++r)  // z^T is (out, B)
-      for (int64_t i = 0; i < out; ++i) {
-        a[r * out + i] = g[r * out + i] / s;
-        acc += a[r * out + i] * z[i * B + r];
-      }
+    for (int64_t i = 0; i < B * out; ++i) {
+      a[i] = g[i] / s;
+      acc += a[i] * z[i];
+    }
     scale_into(u_new.contiguous().data_ptr<T>(), a + B * out, out, -acc / s);  // g_sigma u
     if (mask[2]) {
       T* gbp = gb.data_ptr<T>();

@@ -10,7 +10,7 @@ C++ one a few.
 
     sn_linear(x (..., in), weight (out, in), bias (out,) | None, u (out,), v (in,), n_iters,
               eps) -> (y (..., out), sigma (), u_new (out,), v_new (in,))
-    sn_linear_forward(same)  -> (y, z^T (out, B), x_aug (B+1, in), sigma, u_new, v_new)
+    sn_linear_forward(same)  -> (y, z (B, out), x_aug (B+1, in), sigma, u_new, v_new)
     sn_linear_backward(grad_y, x_aug, weight, z, sigma, u_new, output_mask[3])
                              -> (grad_x (B, in), grad_weight (out, in), grad_bias (out,))
                                 (empty tensors where output_mask is False)
@@ -84,7 +84,7 @@ def _fake(x, weight, bias, u, v, n_iters, eps):
 def _fake_forward(x, weight, bias, u, v, n_iters, eps):
     out, inp = weight.shape
     b = _rows(x, inp)
-    return (x.new_empty((*x.shape[:-1], out)), weight.new_empty((out, b)),
+    return (x.new_empty((*x.shape[:-1], out)), weight.new_empty((b, out)),
             weight.new_empty((b + 1, inp)), weight.new_empty(()), weight.new_empty(out),
             weight.new_empty(inp))
 
