@@ -189,10 +189,15 @@ def test_one_lipkern_op_per_forward(backend):
     # the Triton op inside an inductor graph (fake tensors of a Triton op need a GPU)
     pytest.param("cuda", "fused_weights", "inductor", marks=pytest.mark.gpu)])
 def test_torch_compile_fullgraph_matches_eager(device, strategy, compiler):
-    eager = _ours(_net().to(device), strategy=strategy)
+    _assert_compiled_matches_eager(_ours(_net().to(device), strategy=strategy),
+                                   torch.randn(2, 3, 8, 8, device=device), compiler)
+
+
+def _assert_compiled_matches_eager(eager, x, compiler):
+    """torch.compile(fullgraph=True) of a deep copy against the eager model: outputs over two
+    training forwards, then every gradient and vector."""
     comp_m = copy.deepcopy(eager)
     compiled = torch.compile(comp_m, fullgraph=True, backend=compiler)
-    x = torch.randn(2, 3, 8, 8, device=device)
     for _ in range(2):
         ye, yc = eager(x), compiled(x)
         torch.testing.assert_close(yc, ye, rtol=1e-5, atol=1e-6)
@@ -476,16 +481,4 @@ def test_inline_falls_back_where_it_does_not_apply():
 @inline_only
 @pytest.mark.parametrize("compiler", ["aot_eager", "inductor"])
 def test_inline_under_torch_compile_fullgraph(compiler):
-    eager = _ours(_mlp())
-    comp_m = copy.deepcopy(eager)
-    compiled = torch.compile(comp_m, fullgraph=True, backend=compiler)
-    x = torch.randn(4, 12)
-    for _ in range(2):
-        ye, yc = eager(x), compiled(x)
-        torch.testing.assert_close(yc, ye, rtol=1e-5, atol=1e-6)
-        ye.square().sum().backward()
-        yc.square().sum().backward()
-    for a, b in zip(comp_m.parameters(), eager.parameters()):
-        torch.testing.assert_close(a.grad, b.grad, rtol=1e-5, atol=1e-6)
-    for k, v in _buffers(eager).items():
-        torch.testing.assert_close(_buffers(comp_m)[k], v, rtol=1e-6, atol=1e-7)
+    _assert_compiled_matches_eager(_ours(_mlp()), torch.randn(4, 12), compiler)

@@ -86,15 +86,6 @@ LIPKERN_INLINE T dot_(const T* __restrict a, const T* __restrict b, int64_t n) {
       for (int64_t j = 0; j < n; ++j) grad[i * n + j] = cu * x[j];                          \
     }                                                                                       \
   }                                                                                         \
-  /* xn += W^T y over rows [r0, r1) (the adjoint pass alone) */                             \
-  LIPKERN_CLONES void adjoint_rows(const T* W, int64_t n, int64_t r0, int64_t r1,           \
-                                   const T* __restrict y, T* __restrict xn) {               \
-    for (int64_t i = r0; i < r1; ++i) {                                                     \
-      const T* __restrict row = W + i * n;                                                  \
-      const T a = y[i];                                                                     \
-      for (int64_t j = 0; j < n; ++j) xn[j] += a * row[j];                                  \
-    }                                                                                       \
-  }                                                                                         \
   LIPKERN_CLONES void copy_into(T* __restrict y, const T* __restrict x, int64_t n) {        \
     for (int64_t j = 0; j < n; ++j) y[j] = x[j];                                            \
   }                                                                                         \
@@ -166,22 +157,6 @@ T dense_pass(int64_t rows, int64_t cols, const T* W, const T* x, T* y, T* xn, bo
   if (xn)
     for (int t = 0; t < nt; ++t) add_into(xn, part.data() + t * cols, cols);
   return std::accumulate(ss.begin(), ss.end(), T(0));
-}
-
-// xn = W^T y, one pass over the (rows, cols) matrix W; parallel as in dense_pass.
-template <typename T>
-void adjoint_pass(int64_t rows, int64_t cols, const T* W, const T* y, T* xn, bool parallel) {
-  std::fill(xn, xn + cols, T(0));
-  const int nt = parallel ? at::get_num_threads() : 1;
-  if (nt == 1) return adjoint_rows(W, cols, 0, rows, y, xn);
-  thread_local std::vector<T> part_tl;
-  std::vector<T>& part = part_tl;  // see dense_pass
-  part.assign(size_t(nt) * cols, T(0));
-  at::parallel_for(0, nt, 1, [&](int64_t b, int64_t e) {
-    for (int64_t t = b; t < e; ++t)
-      adjoint_rows(W, cols, rows * t / nt, rows * (t + 1) / nt, y, part.data() + t * cols);
-  });
-  for (int t = 0; t < nt; ++t) add_into(xn, part.data() + t * cols, cols);
 }
 
 }  // namespace

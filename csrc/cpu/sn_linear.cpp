@@ -137,7 +137,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> sn_linear_forward_cpu
     const T* bp = b.defined() ? b.data_ptr<T>() : nullptr;
     T* yp = y.data_ptr<T>();
     for (int64_t r = 0; r < B; ++r)  // y = z / sigma + b
-      for (int64_t j = 0; j < out; ++j) yp[r * out + j] = zp[r * out + j] / s + (bp ? bp[j] : T(0));
+      for (int64_t j = 0; j < out; ++j)
+        yp[r * out + j] = zp[r * out + j] / s + (bp ? bp[j] : T(0));
   });
   return {y, za, xa, sigma, u_new, v_new};
 }

@@ -104,7 +104,7 @@ def _plist(module: nn.Module):
 
 
 def _grouped_forward(self, input):
-    p = self._modules["parametrizations"]._modules["weight"]._modules["0"]
+    p = _plist(self)._modules["0"]
     return p.group.layer_forward(p.index, self, input)
 
 
