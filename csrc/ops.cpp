@@ -26,4 +26,7 @@ TORCH_LIBRARY_FRAGMENT(lipkern, m) {
   m.def(
       "sn_linear_backward(Tensor grad_y, Tensor x_aug, Tensor weight, Tensor z, "
       "Tensor sigma, Tensor u_new, bool[3] output_mask) -> (Tensor, Tensor, Tensor)");
+  // y = x W^T + b on sn_linear's matmul without the normalization (same file): the
+  // equal-matmul baseline of bench/bench_spectral_norm.py. Differentiable in x, weight, bias.
+  m.def("linear(Tensor x, Tensor weight, Tensor? bias) -> Tensor");
 }

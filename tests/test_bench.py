@@ -3,6 +3,8 @@ import json
 import os
 import sys
 
+import pytest
+
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "bench"))
 
 import bench_power_iter  # noqa: E402
@@ -54,11 +56,19 @@ def test_spectral_norm_bench_runs(tmp_path, capsys):
     text = capsys.readouterr().out
     assert "torch_sn" in text and "lipkern" in text and "overhead ms" in text
     row = json.loads(out.read_text().splitlines()[0])
-    assert set(row["median_ms"]) == {"plain", "torch_sn", "lipkern", "lipkern_scaled"}
-    assert row["layers"] == 100
     import lipkern
-    assert row["lipkern_strategy"] == ("inline" if lipkern.ops.sn_linear.available()
-                                       else "scaled_outputs")
+    inline = lipkern.ops.sn_linear.available()
+    # plain_lk (the unnormalized model on lipkern's matmul) runs where lipkern runs inline
+    assert set(row["median_ms"]) == {"plain", "torch_sn", "lipkern", "lipkern_scaled"} | \
+        ({"plain_lk"} if inline else set())
+    assert row["layers"] == 100
+    assert row["lipkern_strategy"] == ("inline" if inline else "scaled_outputs")
+    if inline:
+        assert row["overhead_equal_matmul_ms"] == pytest.approx(
+            row["median_ms"]["lipkern"] - row["median_ms"]["plain_lk"])
+        assert "at equal matmuls" in text
+    else:
+        assert row["overhead_equal_matmul_ms"] is None
     # work per step is counted for every provider (aten ops on the CPU, kernels on a GPU)
     assert set(row["launches_per_step"]) == set(row["median_ms"])
     assert row["launches_per_step"]["torch_sn"] > row["launches_per_step"]["plain"] > 0

@@ -7,7 +7,7 @@ import torch.nn.functional as F
 
 import lipkern
 from lipkern import reference
-from lipkern.ops.sn_linear import available, sn_linear
+from lipkern.ops.sn_linear import available, linear, sn_linear
 
 pytestmark = pytest.mark.skipif(not available(), reason="lipkern._C is not built")
 
@@ -168,3 +168,132 @@ def test_bad_input_names_the_argument(kwargs, exc, match):
 
 def test_exported():
     assert lipkern.sn_linear is sn_linear
+
+
+# ---------------------------------------------------------------- the one-sweep kernel
+def _has_avx512():
+    try:
+        with open("/proc/cpuinfo") as f:
+            return " avx512f" in f.read()
+    except OSError:
+        return False
+
+
+# batch rows around the kernel's chunks of 8 and its 32-row limit; (out, in): a single
+# row, an odd last row (the two-row blocks), in not a multiple of 16 (masked tails), rows
+# not a multiple of the four-row axpy, and a layer above the threading threshold
+SKINNY_B = [1, 7, 8, 9, 16, 17, 32, 33]
+SKINNY_SHAPES = [(1, 1), (3, 17), (33, 100), (300, 260)]
+
+
+@pytest.mark.parametrize("skinny", ["1", "0"])
+@pytest.mark.parametrize("n_iters", [0, 1, 2])
+@pytest.mark.parametrize("out,inp", SKINNY_SHAPES)
+@pytest.mark.parametrize("rows", SKINNY_B)
+def test_one_sweep_and_gemm_paths_match_the_reference(rows, out, inp, n_iters, skinny,
+                                                      monkeypatch):
+    """float32 takes the one-sweep kernel (csrc/cpu/skinny.h) up to 32 rows of x on AVX-512
+    CPUs, else MKL's GEMM then a pass (LIPKERN_SN_LINEAR_SKINNY=0 forces the latter): both
+    against the float64 reference, values and all three gradients."""
+    monkeypatch.setenv("LIPKERN_SN_LINEAR_SKINNY", skinny)
+    x, w, b, u, v = _case(out, inp, (rows,), torch.float32, seed=rows * 7 + out + n_iters)
+    args = [t.clone().requires_grad_() for t in (x, w, b)]
+    ref = [t.double().clone().requires_grad_() for t in (x, w, b)]
+    y, s, un, vn = sn_linear(*args, u, v, n_iters)
+    yr, sr, ur, vr = reference.sn_linear(*ref, u.double(), v.double(), n_iters)
+    for a, c in ((y, yr), (s, sr), (un, ur), (vn, vr)):
+        _close(a, c, torch.float32, k=2)
+    g = torch.randn_like(yr)
+    # the gradients are sums that can cancel to ~0 (a 1x1 weight's is exactly 0): float32
+    # error is relative to the size of the summands: |g|^T |x| / sigma, |g| |W| / sigma and
+    # the sigma term's |g| . |z| / sigma^2 |u| |v| (large where n_iters = 0 leaves sigma small)
+    x2, g2 = x.double().reshape(-1, inp).abs(), g.reshape(-1, out).abs()
+    z2 = (x.double().reshape(-1, inp) @ w.double().t()).abs()
+    sig = abs(float(sr))
+    terms = max(float((g2.t() @ x2).max()) / sig, float((g2 @ w.double().abs()).max()) / sig,
+                float(g2.sum(0).max()),
+                float((g2 * z2).sum()) / sig ** 2 * float(ur.abs().max() * vr.abs().max()))
+    for a, c in zip(torch.autograd.grad(y, args, g.float()), torch.autograd.grad(yr, ref, g)):
+        torch.testing.assert_close(a.double(), c, rtol=4e-5, atol=4e-6 * max(terms, 1.0))
+
+
+@pytest.mark.skipif(not _has_avx512(), reason="the one-sweep kernel needs AVX-512F")
+def test_one_sweep_kernel_is_the_float32_small_batch_path(monkeypatch):
+    """The two paths sum in different orders, so on an AVX-512 CPU their float32 outputs
+    differ in the last bits: proof that the default is the one-sweep kernel (and that the
+    switch above tests two different kernels)."""
+    x, w, b, u, v = _case(256, 256, (8,), torch.float32, seed=11)
+    monkeypatch.setenv("LIPKERN_SN_LINEAR_SKINNY", "1")
+    y1 = sn_linear(x, w, b, u, v, 1)[0]
+    monkeypatch.setenv("LIPKERN_SN_LINEAR_SKINNY", "0")
+    y0 = sn_linear(x, w, b, u, v, 1)[0]
+    assert not torch.equal(y1, y0)
+    torch.testing.assert_close(y1, y0, rtol=1e-5, atol=1e-6)
+
+
+# ---------------------------------------------------------------- lipkern::linear
+@pytest.mark.parametrize("skinny", ["1", "0"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("lead", [(), (0,), (1,), (9,), (2, 17), (40,)])
+@pytest.mark.parametrize("bias", [True, False])
+def test_linear_matches_f_linear(lead, dtype, bias, skinny, monkeypatch):
+    """lipkern::linear (the benchmark's equal-matmul baseline) is F.linear: values and the
+    three gradients, on both kernel paths."""
+    monkeypatch.setenv("LIPKERN_SN_LINEAR_SKINNY", skinny)
+    x, w, b, _, _ = _case(35, 37, lead, dtype, seed=len(lead) + 3 * bias, bias=bias)
+    args = [t.clone().requires_grad_() if t is not None else None for t in (x, w, b)]
+    ref = [t.double().clone().requires_grad_() if t is not None else None for t in (x, w, b)]
+    y = linear(*args)
+    yr = F.linear(*ref)
+    assert y.shape == yr.shape and y.dtype == dtype
+    _close(y, yr, dtype)
+    g = torch.randn_like(yr)
+    need = [t for t in args if t is not None]
+    for a, c in zip(torch.autograd.grad(y, need, g.to(dtype)),
+                    torch.autograd.grad(yr, [t for t in ref if t is not None], g)):
+        _close(a, c, dtype)
+
+
+def test_linear_gradcheck_opcheck_and_compile():
+    x, w, b, _, _ = _case(6, 5, (3,), torch.float64, seed=5)
+    args = [t.requires_grad_() for t in (x, w, b)]
+    assert torch.autograd.gradcheck(linear, args)
+    torch.library.opcheck(torch.ops.lipkern.linear.default, [t.float() for t in args])
+    torch.library.opcheck(torch.ops.lipkern.linear.default, (x.detach(), w.detach(), None))
+    f = torch.compile(lambda *a: linear(*a).square().sum(), fullgraph=True,
+                      backend="aot_eager")
+    xs = [t.detach().float().requires_grad_() for t in args]
+    xe = [t.detach().float().requires_grad_() for t in args]
+    got, want = f(*xs), F.linear(*xe).square().sum()
+    torch.testing.assert_close(got, want)
+    for a, c in zip(torch.autograd.grad(got, xs), torch.autograd.grad(want, xe)):
+        torch.testing.assert_close(a, c)
+
+
+@pytest.mark.parametrize("kwargs,exc,match", [
+    (dict(weight=torch.randn(3, 4, 1)), ValueError, "weight must be 2-D"),
+    (dict(weight=torch.randn(3, 4).half()), TypeError, "weight must be float32 or float64"),
+    (dict(x=torch.randn(2, 5)), ValueError, r"x must have shape \(\.\.\., 4\)"),
+    (dict(x=torch.randn(2, 4).double()), TypeError, "x is torch.float64"),
+    (dict(bias=torch.randn(4)), ValueError, r"bias must be a tensor of shape \(3,\)"),
+    (dict(x=[1.0, 2.0]), TypeError, "x must be a torch.Tensor"),
+])
+def test_linear_bad_input_names_the_argument(kwargs, exc, match):
+    args = dict(x=torch.randn(2, 4), weight=torch.randn(3, 4), bias=torch.randn(3))
+    args.update(kwargs)
+    with pytest.raises(exc, match=match):
+        linear(**args)
+
+
+def test_vectors_that_require_grad_and_no_bias():
+    """u and v are not differentiable inputs: with no bias, the third tensor input is u, and
+    the op must not hand it the bias gradient (needs_input_grad counts tensors only)."""
+    x, w, _, u, v = _case(6, 5, (3,), torch.float64, seed=9, bias=False)
+    x, w, u, v = (t.requires_grad_() for t in (x, w, u, v))
+    y = sn_linear(x, w, None, u, v, 1)[0]
+    y.square().sum().backward()
+    assert x.grad is not None and w.grad is not None and u.grad is None and v.grad is None
+    xr, wr = x.detach().clone().requires_grad_(), w.detach().clone().requires_grad_()
+    reference.sn_linear(xr, wr, None, u.detach(), v.detach(), 1)[0].square().sum().backward()
+    torch.testing.assert_close(x.grad, xr.grad)
+    torch.testing.assert_close(w.grad, wr.grad)

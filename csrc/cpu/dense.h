@@ -91,7 +91,20 @@ LIPKERN_INLINE T dot_(const T* __restrict a, const T* __restrict b, int64_t n) {
   }                                                                                         \
   LIPKERN_CLONES void add_into(T* __restrict y, const T* __restrict x, int64_t n) {         \
     for (int64_t j = 0; j < n; ++j) y[j] += x[j];                                           \
-  }
+  }                                                                                         \
+  /* y[r, j] = z[r, j] / s (+ b[j] when b), rows x cols */                                  \
+  LIPKERN_CLONES void div_rows(T* __restrict y, const T* __restrict z,                      \
+                               const T* __restrict b, T s, int64_t rows, int64_t cols) {    \
+    for (int64_t r = 0; r < rows; ++r) {                                                    \
+      T* yr = y + r * cols;                                                                 \
+      const T* zr = z + r * cols;                                                           \
+      if (b)                                                                                \
+        for (int64_t j = 0; j < cols; ++j) yr[j] = zr[j] / s + b[j];                        \
+      else                                                                                  \
+        for (int64_t j = 0; j < cols; ++j) yr[j] = zr[j] / s;                               \
+    }                                                                                       \
+  }                                                                                         \
+  LIPKERN_CLONES T dot_wide(const T* a, const T* b, int64_t n) { return dot_(a, b, n); }
 
 LIPKERN_DENSE_LOOPS(float)
 LIPKERN_DENSE_LOOPS(double)

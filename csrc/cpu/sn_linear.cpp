@@ -32,8 +32,10 @@
 #include <cstring>
 #include <initializer_list>
 #include <limits>
+#include <type_traits>
 
 #include "dense.h"
+#include "skinny.h"
 
 namespace lipkern {
 namespace cpu {
@@ -43,6 +45,16 @@ using at::Tensor;
 
 // rows x cols above which the hot passes split rows over the threads
 constexpr int64_t kParallelNumel = 1 << 16;
+
+// rows of x up to which float32 layers take the one-sweep kernel (skinny.h); above, MKL's
+// GEMM then a pass (measured: bench/NOTES.md)
+constexpr int64_t kSkinnyMaxRows = 32;
+
+// LIPKERN_SN_LINEAR_SKINNY=0 forces the at::mm + pass path (tests compare the two)
+bool skinny_disabled() {
+  const char* v = std::getenv("LIPKERN_SN_LINEAR_SKINNY");
+  return v != nullptr && v[0] == '0';
+}
 
 // Tests set LIPKERN_POISON_OUTPUTS=1: every output and scratch buffer starts NaN, so a value
 // the kernel forgot to write cannot pass for a result.
@@ -78,6 +90,21 @@ void check_forward(const Tensor& x, const Tensor& w, const std::optional<Tensor>
   TORCH_CHECK(n_iters >= 0, "lipkern::sn_linear: n_iters must be >= 0");
 }
 
+// The forward's first pass over W (rows out, cols in): yk = W v and, when xn, xn = W^T yk;
+// on the skinny path (float32 only) it also writes z = x W^T (x: B rows). Returns ||yk||^2.
+template <typename T>
+T first_pass(bool /*skinny*/, int64_t out, int64_t in, const T* W, const T* /*x*/,
+             int64_t /*B*/, T* /*z*/, const T* v, T* yk, T* xn, bool par) {
+  return dense_pass(out, in, W, v, yk, xn, par);
+}
+
+template <>
+float first_pass<float>(bool skinny, int64_t out, int64_t in, const float* W, const float* x,
+                        int64_t B, float* z, const float* v, float* yk, float* xn, bool par) {
+  return skinny ? skinny_pass(out, in, W, x, B, z, v, yk, xn, par)
+                : dense_pass(out, in, W, v, yk, xn, par);
+}
+
 // (y (*x.shape[:-1], out), z (B, out), x_aug (B+1, in), sigma (), u_new (out,),
 //  v_new (in,))
 std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> sn_linear_forward_cpu(
@@ -97,10 +124,13 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> sn_linear_forward_cpu
   y_shape.back() = out;
   Tensor y = at::empty(y_shape, opt);
   poison_all({&xa, &u_new, &v_new, &sigma, &y});
-  // the layer's own GEMM, the call F.linear makes (x W^T: MKL packs W, which leaves it in
-  // cache for the pass below; an extra row of x for W v0 would cost more than that pass:
-  // MKL's 9-row sgemm took 27% longer than its 8-row one here)
-  Tensor za = at::mm(x.view({B, in}), w.t());
+  // float32 at small batch (AVX-512): the layer's matmul and the first power iteration in
+  // one sweep over W (skinny.h). Otherwise the layer's own GEMM, the call F.linear makes
+  // (x W^T; MKL packs W, which leaves it in cache for the pass below).
+  const bool skinny = w.scalar_type() == at::kFloat && B <= kSkinnyMaxRows && in > 0 &&
+                      out > 0 && skinny_supported() && !skinny_disabled();
+  Tensor za = skinny ? at::empty({B, out}, opt) : at::mm(x.view({B, in}), w.t());
+  if (skinny) poison_all({&za});
   AT_DISPATCH_FLOATING_TYPES(w.scalar_type(), "lipkern_sn_linear_forward", [&] {
     using T = scalar_t;
     const T e = T(eps);
@@ -114,17 +144,22 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> sn_linear_forward_cpu
     yk.resize(out);
     xn.resize(in);
     normalize_into(v0.data_ptr<T>(), vp, in, eps);
+    auto first = [&](bool with_xn) {
+      return first_pass<T>(skinny, out, in, W, xap, B, za.data_ptr<T>(), vp, yk.data(),
+                           with_xn ? xn.data() : nullptr, par);
+    };
     T s;
     if (n_iters == 0) {  // eval: sigma = u0^T W v0, one pass over the (hot) W
       normalize_into(u0.data_ptr<T>(), up, out, eps);
-      dense_pass(out, in, W, vp, yk.data(), static_cast<T*>(nullptr), par);
+      first(false);
       s = dot(up, yk.data(), out);
     } else {
       T t = 0;
       for (int64_t k = 0; k < n_iters; ++k) {
         // y = W v and xn = W^T y in one pass; u = y / ||y||, W^T u = xn / ||y||
-        const T ms =
-            std::max(std::sqrt(dense_pass(out, in, W, vp, yk.data(), xn.data(), par)), e);
+        const T ss = k == 0 ? first(true)
+                            : dense_pass(out, in, W, vp, yk.data(), xn.data(), par);
+        const T ms = std::max(std::sqrt(ss), e);
         scale_into(yk.data(), up, out, T(1) / ms);
         t = std::sqrt(sumsq(xn.data(), in)) / ms;
         scale_into(xn.data(), vp, in, T(1) / (ms * std::max(t, e)));
@@ -136,9 +171,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> sn_linear_forward_cpu
     const T* zp = za.data_ptr<T>();
     const T* bp = b.defined() ? b.data_ptr<T>() : nullptr;
     T* yp = y.data_ptr<T>();
-    for (int64_t r = 0; r < B; ++r)  // y = z / sigma + b
-      for (int64_t j = 0; j < out; ++j)
-        yp[r * out + j] = zp[r * out + j] / s + (bp ? bp[j] : T(0));
+    div_rows(yp, zp, bp, s, B, out);  // y = z / sigma + b
   });
   return {y, za, xa, sigma, u_new, v_new};
 }
@@ -165,11 +198,8 @@ std::tuple<Tensor, Tensor, Tensor> sn_linear_backward_cpu(
     const T* g = gy.data_ptr<T>();
     const T* z = za.data_ptr<T>();
     T* a = ga.data_ptr<T>();
-    T acc = 0;
-    for (int64_t i = 0; i < B * out; ++i) {
-      a[i] = g[i] / s;
-      acc += a[i] * z[i];
-    }
+    div_rows(a, g, static_cast<const T*>(nullptr), s, B, out);  // g_z = g_y / sigma
+    const T acc = dot_wide(a, z, B * out);                      // <g_z, z>
     scale_into(u_new.contiguous().data_ptr<T>(), a + B * out, out, -acc / s);  // g_sigma u
     if (mask[2]) {
       T* gbp = gb.data_ptr<T>();
@@ -177,7 +207,7 @@ std::tuple<Tensor, Tensor, Tensor> sn_linear_backward_cpu(
       for (int64_t r = 0; r < B; ++r) add_into(gbp, g + r * out, out);
     }
   });
-  Tensor gx = mask[0] ? at::mm(ga.narrow(0, 0, B), w) : at::empty({0}, opt);
+  Tensor gx = mask[0] ? at::mm(ga.as_strided({B, out}, {out, 1}), w) : at::empty({0}, opt);
   Tensor gw = mask[1] ? at::mm(ga.t(), xa) : at::empty({0}, opt);
   return {gx, gw, gb};
 }
@@ -197,8 +227,9 @@ struct SnLinearFunction : public torch::autograd::Function<SnLinearFunction> {
     at::AutoDispatchBelowADInplaceOrView below_autograd;
     auto [y, za, xa, sigma, un, vn] =
         op.call(x, w, b, u, v, n_iters, eps);
-    ctx->save_for_backward({xa, w, za, sigma, un});
-    ctx->saved_data["x_sizes"] = x.sizes().vec();
+    // b (or an undefined tensor) only says whether there is a bias: needs_input_grad counts
+    // the inputs that are tensors, so without one index 2 is u, not the bias
+    ctx->save_for_backward({xa, w, za, sigma, un, b.has_value() ? *b : Tensor()});
     ctx->mark_non_differentiable({sigma, un, vn});
     return {y, sigma, un, vn};
   }
@@ -212,9 +243,13 @@ struct SnLinearFunction : public torch::autograd::Function<SnLinearFunction> {
     if (!gy.defined()) return out;
     auto saved = ctx->get_saved_variables();
     const std::array<bool, 3> mask{ctx->needs_input_grad(0), ctx->needs_input_grad(1),
-                                   ctx->needs_input_grad(2)};
+                                   saved[5].defined() && ctx->needs_input_grad(2)};
     auto [gx, gw, gb] = op.call(gy, saved[0], saved[1], saved[2], saved[3], saved[4], mask);
-    if (mask[0]) out[0] = gx.view(ctx->saved_data["x_sizes"].toIntVector());
+    if (mask[0]) {  // x's shape: grad_y's leading dimensions, then in
+      std::vector<int64_t> x_sizes(gy.sizes().begin(), gy.sizes().end());
+      x_sizes.back() = saved[1].size(1);
+      out[0] = gx.view(x_sizes);
+    }
     if (mask[1]) out[1] = gw;
     if (mask[2]) out[2] = gb;
     return out;
@@ -236,6 +271,73 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> sn_linear_cpu(
   return {y, sigma, un, vn};
 }
 
+// ---------------------------------------------------------------- lipkern::linear
+// y = x W^T + b on the matmul sn_linear runs -- the skinny sweep (without v) where it
+// applies, else F.linear's at::addmm -- and no normalization: the benchmark's unnormalized
+// model on lipkern's matmul, so that the normalization's cost is measured at equal matmuls.
+Tensor linear_cpu(const Tensor& x_in, const Tensor& w_in, const std::optional<Tensor>& b_in) {
+  at::AutoDispatchBelowADInplaceOrView below_autograd;
+  TORCH_CHECK(w_in.dim() == 2, "lipkern::linear: weight must be 2-D (out, in)");
+  TORCH_CHECK(x_in.dim() >= 1 && x_in.size(-1) == w_in.size(1), "lipkern::linear: x must end in ",
+              w_in.size(1), " features, got shape ", x_in.sizes());
+  TORCH_CHECK(x_in.scalar_type() == w_in.scalar_type(), "lipkern::linear: x must be ",
+              w_in.scalar_type());
+  TORCH_CHECK(!b_in.has_value() || (b_in->dim() == 1 && b_in->size(0) == w_in.size(0) &&
+                                    b_in->scalar_type() == w_in.scalar_type()),
+              "lipkern::linear: bias must be (", w_in.size(0), ",) ", w_in.scalar_type());
+  const Tensor w = w_in.contiguous(), x = x_in.contiguous();
+  const int64_t out = w.size(0), in = w.size(1), B = in ? x.numel() / in : 0;
+  std::vector<int64_t> y_shape(x.sizes().begin(), x.sizes().end());
+  y_shape.back() = out;
+  const bool skinny = w.scalar_type() == at::kFloat && B <= kSkinnyMaxRows && in > 0 &&
+                      out > 0 && skinny_supported() && !skinny_disabled();
+  if (!skinny) {
+    const Tensor x2 = x.view({B, in});
+    return (b_in.has_value() ? at::addmm(*b_in, x2, w.t()) : at::mm(x2, w.t())).view(y_shape);
+  }
+  Tensor y = at::empty(y_shape, w.options());
+  poison_all({&y});
+  float* yp = y.data_ptr<float>();
+  skinny_pass(out, in, w.data_ptr<float>(), x.data_ptr<float>(), B, yp, nullptr, nullptr,
+              nullptr, out * in >= kParallelNumel);
+  if (b_in.has_value()) {
+    const Tensor b = b_in->contiguous();
+    const float* bp = b.data_ptr<float>();
+    for (int64_t r = 0; r < B; ++r) add_into(yp + r * out, bp, out);
+  }
+  return y;
+}
+
+struct LinearFunction : public torch::autograd::Function<LinearFunction> {
+  static variable_list forward(AutogradContext* ctx, const Tensor& x, const Tensor& w,
+                               const std::optional<Tensor>& b) {
+    static auto op = c10::Dispatcher::singleton()
+                         .findSchemaOrThrow("lipkern::linear", "")
+                         .typed<decltype(linear_cpu)>();
+    at::AutoDispatchBelowADInplaceOrView below_autograd;  // the CPU (or fake) kernel
+    Tensor y = op.call(x, w, b);
+    ctx->save_for_backward({x, w, b.has_value() ? *b : Tensor()});  // b: see SnLinearFunction
+    return {y};
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    variable_list out(3);
+    if (!grads[0].defined()) return out;
+    auto saved = ctx->get_saved_variables();
+    const Tensor& w = saved[1];
+    const int64_t o = w.size(0), in = w.size(1);
+    const Tensor g = grads[0].reshape({-1, o});
+    if (ctx->needs_input_grad(0)) out[0] = at::mm(g, w).view(saved[0].sizes());
+    if (ctx->needs_input_grad(1)) out[1] = at::mm(g.t(), saved[0].reshape({-1, in}));
+    if (saved[2].defined() && ctx->needs_input_grad(2)) out[2] = g.sum(0);
+    return out;
+  }
+};
+
+Tensor linear_autograd(const Tensor& x, const Tensor& w, const std::optional<Tensor>& b) {
+  return LinearFunction::apply(x, w, b)[0];
+}
+
 }  // namespace
 }  // namespace cpu
 }  // namespace lipkern
@@ -244,8 +346,10 @@ TORCH_LIBRARY_IMPL(lipkern, CPU, m) {
   m.impl("sn_linear", &lipkern::cpu::sn_linear_cpu);
   m.impl("sn_linear_forward", &lipkern::cpu::sn_linear_forward_cpu);
   m.impl("sn_linear_backward", &lipkern::cpu::sn_linear_backward_cpu);
+  m.impl("linear", &lipkern::cpu::linear_cpu);
 }
 
 TORCH_LIBRARY_IMPL(lipkern, Autograd, m) {
   m.impl("sn_linear", &lipkern::cpu::sn_linear_autograd);
+  m.impl("linear", &lipkern::cpu::linear_autograd);
 }

@@ -180,6 +180,15 @@ class SpectralNormGroup:
             p._buffers["_u"] = self.u[lay.y_slice(i)]
             p._buffers["_v"] = self.v[lay.x_slice(i)]
             self._views.append((p._buffers["_u"], p._buffers["_v"]))
+        # whether the layers' vectors tile the packed buffers in layer order (then an
+        # "inline" forward stores all its new vectors with one cat + copy_ per side)
+        self._tiled = all(
+            sum(t.numel() for t in bufs) == whole.numel() and
+            [t.storage_offset() for t in bufs] ==
+            [sum(b.numel() for b in bufs[:k]) + whole.storage_offset()
+             for k in range(len(bufs))]
+            for bufs, whole in (([u for u, _ in self._views], self.u),
+                                ([v for _, v in self._views], self.v)))
 
     def _ensure_packed(self, params: List[GroupedSpectralNorm]) -> None:
         """``module.to()``/``.double()`` or ``load_state_dict(assign=True)`` replace buffers
@@ -295,6 +304,17 @@ class SpectralNormGroup:
         """An "inline" training forward's new vectors into the layers' buffers: one
         ``_foreach_copy_`` per side for the whole model (skipped under vmap, as _store)."""
         pending, self._pending = self._pending, {}
+        if self.__dict__.get("_tiled") and len(pending) == len(self._views) and \
+                not torch.compiler.is_compiling() and \
+                list(pending) == list(range(len(pending))) and \
+                not any(_in_vmap(uv[0]) for uv in pending.values()):
+            # every layer ran once, in order: two cats and two copies for the whole model
+            # (not under torch.compile: AOTAutograd rejects a write to the base of views that
+            # are graph inputs)
+            with torch.no_grad():
+                self.u.copy_(torch.cat([uv[0] for uv in pending.values()]))
+                self.v.copy_(torch.cat([uv[1] for uv in pending.values()]))
+            return
         items = [(self._views[i], uv) for i, uv in pending.items() if not _in_vmap(uv[0])]
         if items:
             with torch.no_grad():

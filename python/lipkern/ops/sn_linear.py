@@ -15,7 +15,13 @@ C++ one a few.
                              -> (grad_x (B, in), grad_weight (out, in), grad_bias (out,))
                                 (empty tensors where output_mask is False)
 
-with B the number of rows of x (all leading dimensions flattened).
+    linear(x (..., in), weight (out, in), bias (out,) | None) -> y (..., out)
+                             F.linear on the same matmul, no normalization (the benchmark's
+                             equal-matmul baseline)
+
+with B the number of rows of x (all leading dimensions flattened). float32 with at most 16
+rows of x takes the one-sweep kernel (csrc/cpu/skinny.h: the matmul and the power iteration
+in one pass over W, AVX-512); other inputs take MKL's GEMM and then a pass over the hot W.
 """
 from __future__ import annotations
 
@@ -26,7 +32,7 @@ from torch import Tensor
 
 from ..backends import load_ext
 
-__all__ = ["sn_linear", "available"]
+__all__ = ["sn_linear", "linear", "available"]
 
 
 def available() -> bool:
@@ -97,7 +103,12 @@ def _fake_backward(grad_y, x_aug, weight, z, sigma, u_new, output_mask):
             weight.new_empty((out,) if output_mask[2] else (0,)))
 
 
+def _fake_linear(x, weight, bias):
+    return x.new_empty((*x.shape[:-1], weight.shape[0]))
+
+
 if available():
+    torch.library.register_fake("lipkern::linear")(_fake_linear)
     torch.library.register_fake("lipkern::sn_linear")(_fake)
     torch.library.register_fake("lipkern::sn_linear_forward")(_fake_forward)
     torch.library.register_fake("lipkern::sn_linear_backward")(_fake_backward)
@@ -127,3 +138,37 @@ def sn_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor], u: Tensor, v: T
         raise RuntimeError("sn_linear needs " + _ext_missing())
     _validate(x, weight, bias, u, v, n_iters, eps, check_finite)
     return torch.ops.lipkern.sn_linear(x, weight, bias, u, v, n_iters, float(eps))
+
+
+def linear(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None) -> Tensor:
+    """``F.linear(x, weight, bias)`` on the matmul :func:`sn_linear` runs, without the
+    normalization (CPU, float32/float64; autograd: F.linear's gradients).
+
+    What it is for: measuring the normalization's cost at equal matmuls. At small batch the
+    kernel sn_linear runs beats MKL's GEMM on some CPUs, so "sn_linear minus F.linear" would
+    count that matmul gain as a cheaper normalization; "sn_linear minus linear" does not.
+
+    Args: x (..., in), weight (out, in), bias (out,) or None. Returns y (..., out).
+    """
+    if not available():
+        from ..backends import _ext_missing
+        raise RuntimeError("linear needs " + _ext_missing())
+    for name, t in (("x", x), ("weight", weight)):
+        if not isinstance(t, Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if weight.dim() != 2:
+        raise ValueError(f"weight must be 2-D (out, in), got shape {tuple(weight.shape)}")
+    if weight.dtype not in (torch.float32, torch.float64):
+        raise TypeError(f"weight must be float32 or float64, got {weight.dtype}")
+    if x.dim() < 1 or x.shape[-1] != weight.shape[1]:
+        raise ValueError(f"x must have shape (..., {weight.shape[1]}), got {tuple(x.shape)}")
+    if bias is not None and (not isinstance(bias, Tensor) or bias.shape != weight.shape[:1]):
+        raise ValueError(f"bias must be a tensor of shape ({weight.shape[0]},) or None")
+    for name, t in (("x", x), ("bias", bias)):
+        if t is not None and t.dtype != weight.dtype:
+            raise TypeError(f"{name} is {t.dtype} but weight is {weight.dtype}")
+        if t is not None and t.device != weight.device:
+            raise ValueError(f"{name} is on {t.device} but weight is on {weight.device}")
+    if weight.device.type != "cpu":
+        raise ValueError(f"weight is on {weight.device}: linear runs on the CPU")
+    return torch.ops.lipkern.linear(x, weight, bias)
