@@ -42,6 +42,7 @@ def worker(rank, world, store):
         if rank == 0:
             print(f"step {step}  bound {float(res.lipschitz.detach()):.4f}  "
                   f"(layers per rank: {[res.state.owners.count(r) for r in range(world)]})")
+    dist.barrier()  # no rank tears gloo down while another still talks to it
     dist.destroy_process_group()
 
 

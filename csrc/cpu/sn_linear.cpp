@@ -1,16 +1,21 @@
 // One spectrally normalized Linear layer on the CPU, its power iteration riding inside its
 // own matmul: lipkern::sn_linear (autograd), lipkern::sn_linear_forward and
-// lipkern::sn_linear_backward (CPU kernels). Spec: python/lipkern/reference.py::sn_linear
-// (torch's spectral_norm update and sigma, then y = x (W / sigma)^T + b).
+// lipkern::sn_linear_backward (CPU kernels); and lipkern::linear, the same matmul without
+// the normalization (the benchmark's equal-matmul baseline). Spec:
+// python/lipkern/reference.py::sn_linear (torch's spectral_norm update and sigma, then
+// y = x (W / sigma)^T + b).
 //
 // Why: a separate power-iteration pass streams every weight from DRAM once more per step
 // (100 x 512^2 fp32: 100 MB, ~4 ms here), about as much as all of torch's per-layer
 // normalization overhead divided by ten. The layer's own matmul already streams W, so the
-// power iteration runs right after it, on a W that is hot in L2/L3:
+// power iteration rides on that stream:
 //
-//   forward   z = x W^T                     the layer's own GEMM (F.linear's call)
-//             y1 = W v0, t = W^T y1         one pass over the hot W (row i: a dot, then an
-//                                           axpy while the row is in L1)
+//   forward   z = x W^T, y1 = W v0, t = W^T y1
+//                 float32, up to kSkinnyMaxRows rows of x, AVX-512: ONE sweep over W
+//                 (skinny.h: per pair of rows, 8 rows of x and v in one register-blocked
+//                 loop, then t += y1_i W_i while the rows are in L1);
+//                 otherwise the layer's own GEMM (F.linear's call), then one pass over the
+//                 W it left in L2/L3 (dense.h: row i dotted, then axpy'd while in L1)
 //             u1 = y1 / ||y1||, v1 = t / ||t||, sigma = ||W^T u1||^2 / max(||W^T u1||, eps)
 //                                           (= u1^T W v1, torch's sigma)
 //             y = z / sigma + b             (B x out)
@@ -20,9 +25,9 @@
 //             g_b = sum of g_y rows
 //
 // so the normalization adds no weight-sized tensor and no DRAM pass over W to a training
-// step. Each further iteration (n_iters > 1) is one more hot pass; n_iters = 0 (eval):
-// sigma = u0^T (W v0), one hot pass. u0 and v0 are renormalized before use, as the fused
-// op does.
+// step. Each further iteration (n_iters > 1) is one more pass over the (L2/L3-hot) W;
+// n_iters = 0 (eval): sigma = u0^T (W v0), in the same sweep or pass. u0 and v0 are
+// renormalized before use, as the fused op does.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <torch/autograd.h>
@@ -182,7 +187,7 @@ std::tuple<Tensor, Tensor, Tensor> sn_linear_backward_cpu(
     const Tensor& sigma, const Tensor& u_new, std::array<bool, 3> mask) {
   at::AutoDispatchBelowADInplaceOrView below_autograd;
   const Tensor w = w_in.contiguous();
-  const int64_t out = w.size(0), in = w.size(1), B = xa.size(0) - 1;
+  const int64_t out = w.size(0), B = xa.size(0) - 1;
   TORCH_CHECK(gy_in.numel() == B * out, "lipkern::sn_linear_backward: grad_y has ",
               gy_in.numel(), " elements, expected ", B * out);
   TORCH_CHECK(gy_in.scalar_type() == w.scalar_type(),

@@ -27,9 +27,10 @@ Differences from per-layer spectral_norm, all deliberate:
   ``padding='same'``, ``output_size=`` of transposed convs, autocast) use the weight
   parametrization (division by the fused call's sigma);
   "inline" (the default on the CPU for Linear-only models) -- no separate call: each layer
-  is one ``lipkern::sn_linear`` (:mod:`lipkern.ops.sn_linear`) whose power iteration runs
-  right after its own GEMM, on a weight still hot in cache, and whose sigma gradient rides
-  in its weight-gradient GEMM. On a CPU the separate call's extra DRAM pass over every
+  is one ``lipkern::sn_linear`` (:mod:`lipkern.ops.sn_linear`) whose power iteration rides
+  in its own matmul (float32 at up to 32 rows of input on AVX-512: one sweep over the
+  weight computes both; otherwise it runs right after the GEMM, on the weight still hot in
+  cache), and whose sigma gradient rides in its weight-gradient GEMM. On a CPU the separate call's extra DRAM pass over every
   weight is the largest remaining cost (100 x 512^2 fp32: ~4 ms); here it is gone. This is
   the one strategy with one op per layer rather than one per model; float32/float64
   weights outside autocast (else that forward takes "scaled_outputs");
@@ -514,7 +515,8 @@ def spectral_norm_model(model: nn.Module, example_input=None, *, n_power_iterati
             weight-gradient GEMM: no weight-sized tensor per step (the CPU choice: there
             weight-sized passes and fresh pages are the cost); "inline" -- Linear layers
             only, CPU: no separate call, each layer's power iteration runs inside its own
-            op (:func:`lipkern.sn_linear`) on its cache-hot weight; "auto" --
+            op (:func:`lipkern.sn_linear`), in the same sweep over its weight as its
+            matmul; "auto" --
             "fused_weights" where the fused op is the Triton kernel on CUDA tensors, "inline"
             for a Linear-only model on the CPU (backend "auto" or "cpp", the extension
             built), else "scaled_outputs".
