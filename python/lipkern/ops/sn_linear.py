@@ -41,16 +41,14 @@ def available() -> bool:
 
 
 # ---------------------------------------------------------------- validation
-def _validate(x, weight, bias, u, v, n_iters, eps, check_finite):
-    for name, t in (("x", x), ("weight", weight), ("u", u), ("v", v)):
+def _validate_layer(x, weight, bias):
+    """The checks sn_linear and linear share: x (..., in), weight (out, in) float32/float64,
+    bias (out,) or None, one dtype and one CPU device."""
+    for name, t in (("x", x), ("weight", weight)):
         if not isinstance(t, Tensor):
             raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
     if bias is not None and not isinstance(bias, Tensor):
         raise TypeError(f"bias must be a torch.Tensor or None, got {type(bias).__name__}")
-    if isinstance(n_iters, bool) or not isinstance(n_iters, int) or n_iters < 0:
-        raise ValueError(f"n_iters must be an int >= 0, got {n_iters!r}")
-    if not (isinstance(eps, (int, float)) and eps > 0):
-        raise ValueError(f"eps must be a float > 0, got {eps!r}")
     if weight.dim() != 2:
         raise ValueError(f"weight must be 2-D (out, in), got shape {tuple(weight.shape)}")
     if weight.dtype not in (torch.float32, torch.float64):
@@ -58,16 +56,33 @@ def _validate(x, weight, bias, u, v, n_iters, eps, check_finite):
     out, inp = weight.shape
     if x.dim() < 1 or x.shape[-1] != inp:
         raise ValueError(f"x must have shape (..., {inp}), got {tuple(x.shape)}")
+    if bias is not None and bias.shape != (out,):
+        raise ValueError(f"bias must have shape ({out},), got {tuple(bias.shape)}")
+    for name, t in (("x", x), ("bias", bias)):
+        if t is not None and t.dtype != weight.dtype:
+            raise TypeError(f"{name} is {t.dtype} but weight is {weight.dtype}")
+        if t is not None and t.device != weight.device:
+            raise ValueError(f"{name} is on {t.device} but weight is on {weight.device}")
+
+
+def _validate(x, weight, bias, u, v, n_iters, eps, check_finite):
+    _validate_layer(x, weight, bias)
+    for name, t in (("u", u), ("v", v)):
+        if not isinstance(t, Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if isinstance(n_iters, bool) or not isinstance(n_iters, int) or n_iters < 0:
+        raise ValueError(f"n_iters must be an int >= 0, got {n_iters!r}")
+    if not (isinstance(eps, (int, float)) and eps > 0):
+        raise ValueError(f"eps must be a float > 0, got {eps!r}")
+    out, inp = weight.shape
     if u.shape != (out,):
         raise ValueError(f"u must have shape ({out},), got {tuple(u.shape)}")
     if v.shape != (inp,):
         raise ValueError(f"v must have shape ({inp},), got {tuple(v.shape)}")
-    if bias is not None and bias.shape != (out,):
-        raise ValueError(f"bias must have shape ({out},), got {tuple(bias.shape)}")
-    for name, t in (("x", x), ("u", u), ("v", v), ("bias", bias)):
-        if t is not None and t.dtype != weight.dtype:
+    for name, t in (("u", u), ("v", v)):
+        if t.dtype != weight.dtype:
             raise TypeError(f"{name} is {t.dtype} but weight is {weight.dtype}")
-        if t is not None and t.device != weight.device:
+        if t.device != weight.device:
             raise ValueError(f"{name} is on {t.device} but weight is on {weight.device}")
     if weight.device.type != "cpu":
         raise ValueError(f"weight is on {weight.device}: sn_linear runs on the CPU (on CUDA, "
@@ -153,22 +168,7 @@ def linear(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None) -> Tensor:
     if not available():
         from ..backends import _ext_missing
         raise RuntimeError("linear needs " + _ext_missing())
-    for name, t in (("x", x), ("weight", weight)):
-        if not isinstance(t, Tensor):
-            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-    if weight.dim() != 2:
-        raise ValueError(f"weight must be 2-D (out, in), got shape {tuple(weight.shape)}")
-    if weight.dtype not in (torch.float32, torch.float64):
-        raise TypeError(f"weight must be float32 or float64, got {weight.dtype}")
-    if x.dim() < 1 or x.shape[-1] != weight.shape[1]:
-        raise ValueError(f"x must have shape (..., {weight.shape[1]}), got {tuple(x.shape)}")
-    if bias is not None and (not isinstance(bias, Tensor) or bias.shape != weight.shape[:1]):
-        raise ValueError(f"bias must be a tensor of shape ({weight.shape[0]},) or None")
-    for name, t in (("x", x), ("bias", bias)):
-        if t is not None and t.dtype != weight.dtype:
-            raise TypeError(f"{name} is {t.dtype} but weight is {weight.dtype}")
-        if t is not None and t.device != weight.device:
-            raise ValueError(f"{name} is on {t.device} but weight is on {weight.device}")
+    _validate_layer(x, weight, bias)
     if weight.device.type != "cpu":
         raise ValueError(f"weight is on {weight.device}: linear runs on the CPU")
     return torch.ops.lipkern.linear(x, weight, bias)
