@@ -85,8 +85,15 @@ def _extensions():
             except Exception as e:  # noqa: BLE001 - any compiler failure
                 if build == "1":
                     raise
+                # an editable checkout keeps the previous build's lipkern/_C*.so in place:
+                # left there, it would load with the old kernels and schemas
+                stale = glob.glob(os.path.join(ROOT, "python", "lipkern", "_C*.so")) + \
+                    glob.glob(os.path.join(ROOT, "python", "lipkern", "_C*.pyd"))
+                for f in stale:
+                    os.remove(f)
                 _say(f"building lipkern._C failed ({type(e).__name__}: {e}); continuing with "
-                     f"the pure-Python package (backends 'cpp'/'cuda' unavailable). Set "
+                     f"the pure-Python package (backends 'cpp'/'cuda' unavailable"
+                     f"{'; removed the previous build ' + str(stale) if stale else ''}). Set "
                      f"LIPKERN_BUILD_EXT=1 to make this an error.")
 
     return [ext], {"build_ext": BuildExt.with_options(use_ninja=True)}

@@ -204,11 +204,11 @@ def print_table(workload, batch, n_layers, med, best, launches, device):
     for n, t in med.items():
         over = t - plain
         ratio = "" if n in ("plain", "plain_lk") else f"{torch_over / over:21.2f}x" \
-            if over > 0 else f"{'(within noise)':>22s}"
+            if over > 0 else f"{'(none: faster)':>22s}"
         print(f"{n:14s} {t:9.2f} {best[n]:9.2f} {over:12.2f} {ratio:>22s} {launches[n]:14d}")
     eq = equal_matmul_overhead(med)
     if eq is not None:
-        ratio = f"{torch_over / eq:.2f}x" if eq > 0 else "(within noise)"
+        ratio = f"{torch_over / eq:.2f}x" if eq > 0 else "(none measured)"
         print(f"at equal matmuls (lipkern - plain_lk; plain_lk - plain = "
               f"{med['plain_lk'] - plain:+.2f} ms is the matmul's own difference): "
               f"lipkern overhead {eq:.2f} ms, torch overhead / this = {ratio}")
