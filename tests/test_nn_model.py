@@ -67,6 +67,18 @@ def _buffers(model):
     return {k: v for k, v in model.state_dict().items() if k.endswith(("_u", "_v"))}
 
 
+def _assert_eval_matches(got_m, want_m, x):
+    """In eval mode: the same output as torch's model, no vector updated, and the last
+    layer's normalized weight read outside a forward equal to torch's."""
+    want_m.eval()
+    got_m.eval()
+    before = {k: v.clone() for k, v in _buffers(got_m).items()}
+    torch.testing.assert_close(got_m(x), want_m(x), rtol=1e-4, atol=1e-5)
+    for k, v in _buffers(got_m).items():  # eval does not update
+        torch.testing.assert_close(v, before[k], rtol=0, atol=0)
+    torch.testing.assert_close(got_m[-1].weight, want_m[-1].weight, rtol=1e-4, atol=1e-6)
+
+
 @pytest.mark.parametrize("transposed", [False, True], ids=["conv", "conv_transpose"])
 @pytest.mark.parametrize("backend,strategy", CPU_PATHS)
 def test_matches_torch_per_layer_spectral_norm(backend, strategy, transposed):
@@ -87,15 +99,7 @@ def test_matches_torch_per_layer_spectral_norm(backend, strategy, transposed):
             torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
     for k, v in _buffers(want_m).items():
         torch.testing.assert_close(_buffers(got_m)[k], v, rtol=1e-4, atol=1e-5)
-    x = torch.randn(2, 3, 8, 8)
-    want_m.eval()
-    got_m.eval()
-    before = {k: v.clone() for k, v in _buffers(got_m).items()}
-    torch.testing.assert_close(got_m(x), want_m(x), rtol=1e-4, atol=1e-5)
-    for k, v in _buffers(got_m).items():  # eval does not update
-        torch.testing.assert_close(v, before[k], rtol=0, atol=0)
-    # the normalized weight read outside a forward equals torch's
-    torch.testing.assert_close(got_m[-1].weight, want_m[-1].weight, rtol=1e-4, atol=1e-6)
+    _assert_eval_matches(got_m, want_m, torch.randn(2, 3, 8, 8))
 
 
 @pytest.mark.gpu
@@ -411,14 +415,7 @@ def test_inline_matches_torch_per_layer_spectral_norm(strategy, n_power_iteratio
             torch.testing.assert_close(bg[k], v, rtol=1e-4, atol=1e-5)
     group = got_m._lipkern_spectral_norm
     assert group.calls == 0  # no fused call per forward (registration is not counted)
-    x = torch.randn(2, 12)
-    want_m.eval()
-    got_m.eval()
-    before = {k: v.clone() for k, v in _buffers(got_m).items()}
-    torch.testing.assert_close(got_m(x), want_m(x), rtol=1e-4, atol=1e-5)
-    for k, v in _buffers(got_m).items():  # eval does not update
-        torch.testing.assert_close(v, before[k], rtol=0, atol=0)
-    torch.testing.assert_close(got_m[-1].weight, want_m[-1].weight, rtol=1e-4, atol=1e-6)
+    _assert_eval_matches(got_m, want_m, torch.randn(2, 12))
 
 
 @inline_only

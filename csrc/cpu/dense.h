@@ -146,14 +146,16 @@ T normalize_into(const T* src, T* dst, int64_t n, double eps) {
   return nrm;
 }
 
-// One pass over the (rows, cols) matrix W: y = W x and, when xn != nullptr, xn = W^T y
-// (row i still in L1). parallel: rows split over the threads, each with its own xn
-// partial. Returns sum of y^2.
-template <typename T>
-T dense_pass(int64_t rows, int64_t cols, const T* W, const T* x, T* y, T* xn, bool parallel) {
+// Runs body(r0, r1, xn_part) -> T over the rows [0, rows) of a (rows, cols) matrix: in one
+// call, or when nt > 1 split in nt blocks over the threads (block edges multiples of
+// `align`), each block with its own zeroed xn partial (nullptr when xn is). The partials are
+// summed into xn, which is overwritten. Returns the sum of the bodies' results.
+template <typename T, typename Body>
+T split_rows(int64_t rows, int64_t cols, T* xn, int nt, int64_t align, const Body& body) {
   if (xn) std::fill(xn, xn + cols, T(0));
-  const int nt = parallel ? at::get_num_threads() : 1;
-  if (nt == 1) return dense_rows(W, cols, 0, rows, x, y, xn);
+  const int64_t units = (rows + align - 1) / align;
+  nt = static_cast<int>(std::min<int64_t>(nt, units));
+  if (nt <= 1) return body(int64_t(0), rows, xn);
   // per-thread partials: the calling thread's scratch, reused across calls (named through
   // references: inside the lambda a thread_local name would be the worker's own)
   thread_local std::vector<T> part_tl, ss_tl;
@@ -163,13 +165,25 @@ T dense_pass(int64_t rows, int64_t cols, const T* W, const T* x, T* y, T* xn, bo
   ss.assign(nt, T(0));
   at::parallel_for(0, nt, 1, [&](int64_t b, int64_t e) {
     for (int64_t t = b; t < e; ++t) {
-      const int64_t r0 = rows * t / nt, r1 = rows * (t + 1) / nt;
-      ss[t] = dense_rows(W, cols, r0, r1, x, y, xn ? part.data() + t * cols : nullptr);
+      const int64_t r0 = std::min(rows, align * (units * t / nt)),
+                    r1 = std::min(rows, align * (units * (t + 1) / nt));
+      ss[t] = body(r0, r1, xn ? part.data() + t * cols : nullptr);
     }
   });
   if (xn)
     for (int t = 0; t < nt; ++t) add_into(xn, part.data() + t * cols, cols);
   return std::accumulate(ss.begin(), ss.end(), T(0));
+}
+
+// One pass over the (rows, cols) matrix W: y = W x and, when xn != nullptr, xn = W^T y
+// (row i still in L1). parallel: rows split over the threads, each with its own xn
+// partial. Returns sum of y^2.
+template <typename T>
+T dense_pass(int64_t rows, int64_t cols, const T* W, const T* x, T* y, T* xn, bool parallel) {
+  return split_rows(rows, cols, xn, parallel ? at::get_num_threads() : 1, 1,
+                    [&](int64_t r0, int64_t r1, T* part) {
+                      return dense_rows(W, cols, r0, r1, x, y, part);
+                    });
 }
 
 }  // namespace

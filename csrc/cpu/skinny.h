@@ -5,9 +5,10 @@
 // Why: at batch 8 a 512x512 layer's matmul is a matrix-vector product in disguise -- each
 // weight is used 8 times -- so it runs at the speed W streams from memory, not at the FMA
 // rate. Torch's power iteration needs W v and W^T (W v): two more uses of each weight. Done
-// in the same pass they are two more FMAs on a row already in registers / L1, free while
-// the loop waits on memory; done after the matmul (MKL's call, then a pass of our own) they
-// cost a second pass over a 1 MB W from L2/L3 (~16 us per layer here, bench/NOTES.md).
+// in the same pass they are two more FMAs on a row already in registers / L1, mostly hidden
+// while the loop waits on memory (not all: ~5 us per 512x512 layer here); done after the
+// matmul (MKL's call, then a pass of our own) they cost a second pass over a 1 MB W from
+// L2/L3 (~16 us per layer here). Measurements: bench/NOTES.md.
 //
 // Shape of the loop: two rows of W at a time, loaded 16 columns at a time and multiplied
 // into up to 9 vectors (8 rows of x, and v: 18 accumulators fit the 32 zmm registers); x rows
@@ -18,12 +19,10 @@
 // Only GCC/Clang on x86-64 with AVX-512F at run time; elsewhere sn_linear keeps its
 // at::mm + dense_pass path (skinny_supported() says which).
 #pragma once
-#include <ATen/Parallel.h>
-
 #include <algorithm>
 #include <cstdint>
-#include <numeric>
-#include <vector>
+
+#include "dense.h"
 
 #if defined(__GNUC__) && defined(__x86_64__)
 #include <immintrin.h>
@@ -235,35 +234,15 @@ inline float skinny_rows(const float*, int64_t, int64_t, int64_t, const float*, 
 
 #endif  // LIPKERN_HAVE_SKINNY
 
-// skinny_rows over all rows of W (rows x n): when parallel, the rows split in even blocks
-// over the threads, each with its own xn partial (summed here). xn, when given, is
+// skinny_rows over all rows of W (rows x n): when parallel, the rows split in blocks of
+// whole row pairs over the threads (dense.h's split_rows). xn, when given with v, is
 // overwritten. Returns the sum of y^2.
 inline float skinny_pass(int64_t rows, int64_t n, const float* W, const float* x, int64_t B,
                          float* z, const float* v, float* y, float* xn, bool parallel) {
-  const bool axpy = v != nullptr && xn != nullptr;
-  if (axpy) std::fill(xn, xn + n, 0.f);
-  const int nt = parallel ? static_cast<int>(std::min<int64_t>(at::get_num_threads(),
-                                                                (rows + 1) / 2))
-                          : 1;
-  if (nt <= 1) return skinny_rows(W, n, 0, rows, x, B, z, rows, v, y, axpy ? xn : nullptr);
-  thread_local std::vector<float> part_tl, ss_tl;  // the caller's scratch (see dense_pass)
-  std::vector<float>& part = part_tl;
-  std::vector<float>& ss = ss_tl;
-  part.assign(axpy ? size_t(nt) * n : 0, 0.f);
-  ss.assign(nt, 0.f);
-  const int64_t pairs = (rows + 1) / 2;
-  at::parallel_for(0, nt, 1, [&](int64_t b, int64_t e) {
-    for (int64_t t = b; t < e; ++t) {
-      const int64_t r0 = std::min(rows, 2 * (pairs * t / nt)),
-                    r1 = std::min(rows, 2 * (pairs * (t + 1) / nt));
-      ss[t] = skinny_rows(W, n, r0, r1, x, B, z, rows, v, y,
-                          axpy ? part.data() + t * n : nullptr);
-    }
-  });
-  if (axpy)
-    for (int t = 0; t < nt; ++t)
-      for (int64_t j = 0; j < n; ++j) xn[j] += part[t * n + j];
-  return std::accumulate(ss.begin(), ss.end(), 0.f);
+  return split_rows(rows, n, v != nullptr ? xn : nullptr, parallel ? at::get_num_threads() : 1,
+                    2, [&](int64_t r0, int64_t r1, float* part) {
+                      return skinny_rows(W, n, r0, r1, x, B, z, rows, v, y, part);
+                    });
 }
 
 }  // namespace

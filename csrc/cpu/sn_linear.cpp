@@ -55,10 +55,14 @@ constexpr int64_t kParallelNumel = 1 << 16;
 // GEMM then a pass (measured: bench/NOTES.md)
 constexpr int64_t kSkinnyMaxRows = 32;
 
-// LIPKERN_SN_LINEAR_SKINNY=0 forces the at::mm + pass path (tests compare the two)
-bool skinny_disabled() {
+// Whether an (out, in) weight of this dtype times B rows of x takes the one-sweep kernel
+// (skinny.h): float32, at most kSkinnyMaxRows rows, a non-empty W, AVX-512 at run time, and
+// not LIPKERN_SN_LINEAR_SKINNY=0 (tests compare the two paths).
+bool use_skinny(at::ScalarType dtype, int64_t B, int64_t out, int64_t in) {
+  if (dtype != at::kFloat || B > kSkinnyMaxRows || in == 0 || out == 0 || !skinny_supported())
+    return false;
   const char* v = std::getenv("LIPKERN_SN_LINEAR_SKINNY");
-  return v != nullptr && v[0] == '0';
+  return v == nullptr || v[0] != '0';
 }
 
 // Tests set LIPKERN_POISON_OUTPUTS=1: every output and scratch buffer starts NaN, so a value
@@ -132,8 +136,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> sn_linear_forward_cpu
   // float32 at small batch (AVX-512): the layer's matmul and the first power iteration in
   // one sweep over W (skinny.h). Otherwise the layer's own GEMM, the call F.linear makes
   // (x W^T; MKL packs W, which leaves it in cache for the pass below).
-  const bool skinny = w.scalar_type() == at::kFloat && B <= kSkinnyMaxRows && in > 0 &&
-                      out > 0 && skinny_supported() && !skinny_disabled();
+  const bool skinny = use_skinny(w.scalar_type(), B, out, in);
   Tensor za = skinny ? at::empty({B, out}, opt) : at::mm(x.view({B, in}), w.t());
   if (skinny) poison_all({&za});
   AT_DISPATCH_FLOATING_TYPES(w.scalar_type(), "lipkern_sn_linear_forward", [&] {
@@ -294,9 +297,7 @@ Tensor linear_cpu(const Tensor& x_in, const Tensor& w_in, const std::optional<Te
   const int64_t out = w.size(0), in = w.size(1), B = in ? x.numel() / in : 0;
   std::vector<int64_t> y_shape(x.sizes().begin(), x.sizes().end());
   y_shape.back() = out;
-  const bool skinny = w.scalar_type() == at::kFloat && B <= kSkinnyMaxRows && in > 0 &&
-                      out > 0 && skinny_supported() && !skinny_disabled();
-  if (!skinny) {
+  if (!use_skinny(w.scalar_type(), B, out, in)) {
     const Tensor x2 = x.view({B, in});
     return (b_in.has_value() ? at::addmm(*b_in, x2, w.t()) : at::mm(x2, w.t())).view(y_shape);
   }
