@@ -226,7 +226,7 @@ class SpectralNormGroup:
         if self.strategy == "auto" and self.backend not in ("auto", "cpp"):
             return False
         return (w.device.type == "cpu" and w.dtype in (torch.float32, torch.float64)
-                and not torch.is_autocast_enabled() and load_ext() is not None)
+                and not torch.is_autocast_enabled(w.device.type) and load_ext() is not None)
 
     @staticmethod
     def _store(state: PowerIterState, v: torch.Tensor, u: torch.Tensor) -> None:
@@ -251,7 +251,7 @@ class SpectralNormGroup:
             self._inline = (originals, self.n_power_iterations if training else 0)
             self._pending = {}
             return
-        self._scaled_ok = not torch.is_autocast_enabled()
+        self._scaled_ok = not torch.is_autocast_enabled(originals[0].device.type)
         if not training and self.cache_eval and not torch.compiler.is_compiling():
             key = self._cache_key(originals)
             if self._eval_cache is None or self._eval_cache[0] != key:
