@@ -54,8 +54,9 @@ from ..ops import sn_linear as _sn_linear  # noqa: F401  (registers lipkern::sn_
 from ..power_iter import fused_normalize, fused_power_iter
 from ..spec import ConvSpec
 from ..validate import compute_dtype
-from .parametrization import _TRANSPOSED, _in_vmap, _spec_from_module, make_picklable
-from .scaled_layer import ScaledLayer, dense_rank1, operator_rank1
+from .parametrization import (_CONV, _TRANSPOSED, _in_vmap, _spec_from_module,
+                              check_input_size, input_spatial_size, make_picklable)
+from .scaled_layer import dense_rank1, operator_rank1, scaled_layer
 
 __all__ = ["spectral_norm_model", "remove_spectral_norm_model", "SpectralNormGroup",
            "GroupedSpectralNorm", "DEFAULT_TYPES", "SUPPORTED_TYPES"]
@@ -331,6 +332,8 @@ class SpectralNormGroup:
         ``layer(x; W) / sigma + b`` ("scaled_outputs"), the layer's own op with its power
         iteration folded in ("inline"), or the layer's own forward on its parametrized
         (divided) weight."""
+        if self.specs[i] is not None:  # operator mode: sigma is for the registered size
+            check_input_size(module, x, self.specs[i])
         if self._inline is not None:
             originals, n_iters = self._inline
             w = originals[i]
@@ -360,8 +363,8 @@ class SpectralNormGroup:
                  else operator_rank1(self.layout.geoms[i], u, v))
         if conv is not None and module.padding_mode != "zeros":
             x = F.pad(x, module._reversed_padding_repeated_twice, mode=module.padding_mode)
-        return ScaledLayer.apply(x, module.parametrizations.weight.original, module.bias,
-                                 self._sigma_list[i], rank1, conv)
+        return scaled_layer(x, module.parametrizations.weight.original, module.bias,
+                            self._sigma_list[i], rank1, conv)
 
     # ------------------------------------------------------------ per layer
     def normalized(self, i: int, weight: torch.Tensor) -> torch.Tensor:
@@ -433,7 +436,7 @@ def _select(model: nn.Module, types, names) -> List[Tuple[str, nn.Module]]:
             raise TypeError(f"types: {t!r} is not one of (or a subclass of) "
                             f"{[c.__name__ for c in SUPPORTED_TYPES]}")
     if names is not None and not callable(names):
-        wanted = set(names)
+        wanted = {names} if isinstance(names, str) else set(names)  # a str is one name
     out = []
     for qname, m in model.named_modules():
         if not isinstance(m, types):
@@ -459,7 +462,8 @@ def _capture_input_sizes(model: nn.Module, targets, example_input) -> List[Optio
     handles = []
     for qname, m in targets:
         def hook(mod, args, qname=qname):
-            sizes.setdefault(qname, tuple(args[0].shape[2:]))
+            sizes.setdefault(qname, input_spatial_size(mod, args[0])
+                             if isinstance(mod, _CONV) else None)
         handles.append(m.register_forward_pre_hook(hook))
     was_training = model.training
     try:
