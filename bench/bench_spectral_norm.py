@@ -172,10 +172,7 @@ def measure(workload, batch, reps, warmup, include_deel=True, device="cpu"):
 
 def resolved_strategy(model):
     """What spectral_norm_model's strategy="auto" runs for this model's weights."""
-    group = model._lipkern_spectral_norm
-    w = group.originals()[0]
-    return "inline" if group.inline(w) else \
-        "fused_weights" if group.fused_weights(w) else "scaled_outputs"
+    return model._lipkern_spectral_norm.resolved_strategy()
 
 
 def count_launches(step, device):

@@ -1,0 +1,295 @@
+"""How the layers of a :class:`~lipkern.nn.model.SpectralNormGroup` use their sigmas: one
+small class per strategy, one interface.
+
+Every strategy computes the same function and gradient (spectral_norm's: ``W / sigma`` with
+``sigma = u^T A v``, u and v held constant); they differ in where the work runs. A strategy
+object belongs to one group and holds the state of the forward in progress:
+
+* ``prepare(group, originals, training)``: the model's forward pre-hook, once per model
+  forward; returns the strategy that runs this forward (itself, or another one when it cannot
+  run this one: e.g. "inline" under autocast hands over to "scaled_outputs");
+* ``layer_forward(group, i, module, x)``: layer i's forward;
+* ``weight(group, i, w)``: layer i's normalized weight when something reads
+  ``module.weight`` during the forward (a layer on the division path);
+* ``store(group)``: the model's forward hook (also after an exception): the new vectors into
+  the buffers, per-forward state dropped.
+
+A new strategy is a new class here plus its name in :data:`STRATEGIES`; the group only calls
+the four methods.
+"""
+from __future__ import annotations
+
+from typing import List, Optional
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from ..backends import load_ext, resolve_backend
+from ..layout import PowerIterState
+from ..ops import sn_linear as _sn_linear  # noqa: F401  (registers lipkern::sn_linear's fakes)
+from ..power_iter import fused_normalize
+from .parametrization import _TRANSPOSED, _in_vmap
+from .scaled_layer import ScaledLayer, dense_rank1, operator_rank1
+
+__all__ = ["Strategy", "FusedSigmas", "ScaledOutputs", "FusedWeights", "Inline",
+           "make_strategies", "STRATEGIES"]
+
+STRATEGIES = ("auto", "fused_weights", "scaled_outputs", "inline")
+_SN_LINEAR = torch.ops.lipkern.sn_linear.default if _sn_linear.available() else None
+
+
+def base_forward(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """The layer class's own forward (it reads the parametrized, i.e. divided, weight)."""
+    return type(module).__bases__[0].forward(module, x)
+
+
+def bias(module: nn.Module) -> Optional[torch.Tensor]:
+    b = module._parameters.get("bias", bias)
+    return module.bias if b is bias else b  # not in _parameters: e.g. parametrized itself
+
+
+def divide(weight: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+    """weight / sigma, in float32 for half-precision weights (as spectral_norm does)."""
+    if weight.dtype in (torch.float16, torch.bfloat16):
+        return (weight.float() / sigma.float()).to(weight.dtype)
+    return weight / sigma.to(weight.dtype)
+
+
+def store_state(state: PowerIterState, v: torch.Tensor, u: torch.Tensor) -> None:
+    """A training forward's vectors into the buffers, in place (DDP broadcasts into them),
+    except under vmap, where a batched value cannot go into an unbatched buffer."""
+    if not _in_vmap(state.x):
+        with torch.no_grad():
+            v.copy_(state.x)
+            u.copy_(state.u)
+
+
+class Strategy:
+    """The interface (module docstring). ``name`` is what ``strategy=`` calls it."""
+
+    name = ""
+
+    def applies(self, group, w: torch.Tensor) -> bool:
+        """Whether ``strategy="auto"`` picks this one for weights like ``w``."""
+        return False
+
+    def prepare(self, group, originals: List[torch.Tensor], training: bool) -> "Strategy":
+        raise NotImplementedError
+
+    def layer_forward(self, group, i: int, module: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        return base_forward(module, x)
+
+    def weight(self, group, i: int, w: torch.Tensor) -> torch.Tensor:
+        return group.per_layer(i, w)
+
+    def store(self, group) -> None:
+        pass
+
+
+class FusedSigmas:
+    """One fused call's result, split per layer once (3 ops, not 3 per layer): ``sigmas``
+    (L,), possibly differentiable; ``sigma_list`` (detached 0-d), ``u_list``/``x_list`` (the
+    vectors of sigma = u^T A x)."""
+
+    def __init__(self, group, sigmas: torch.Tensor, state: PowerIterState):
+        lay = group.layout
+        self.sigmas = sigmas
+        self.sigma_list = sigmas.detach().unbind(0)
+        self.u_list = state.u.split([g.y_numel for g in lay.geoms])
+        self.x_list = state.x.split([g.x_numel for g in lay.geoms])
+
+
+class ScaledOutputs(Strategy):
+    """One fused call gives every sigma; each layer computes ``layer(x; W) / sigma + b``
+    (:class:`~lipkern.nn.scaled_layer.ScaledLayer`), with the sigma gradient folded into its
+    weight-gradient GEMM. Layers it cannot take (string ``padding='same'``, a transposed
+    conv's ``output_size=``, any layer under autocast) divide their weight by the fused
+    call's sigma instead. Also serves ``cache_eval`` for every strategy that makes a fused
+    call."""
+
+    name = "scaled_outputs"
+
+    def __init__(self):
+        self.cur: Optional[FusedSigmas] = None
+        self.scaled_ok = False  # this forward may use ScaledLayer
+        self._eval_cache = None  # (key, sigmas, state) of cache_eval
+
+    def applies(self, group, w):
+        return True  # the fallback of "auto"
+
+    def eval_cached(self, group, originals, training) -> bool:
+        """Serve an eval forward from cache_eval's sigmas (recomputed when a weight or a
+        vector changed); False where the cache does not apply (and then drop it)."""
+        if training or not group.cache_eval or torch.compiler.is_compiling():
+            self._eval_cache = None
+            return False
+        key = group.cache_key(originals)
+        if self._eval_cache is None or self._eval_cache[0] != key:
+            with torch.no_grad():
+                res = group.run([group.op_weight(i, w) for i, w in enumerate(originals)],
+                                group.v, group.u, group.specs, 0)
+            group.calls += 1
+            self._eval_cache = (key, res.sigmas, res.state)
+        self.scaled_ok = not torch.is_autocast_enabled()
+        self.cur = FusedSigmas(group, *self._eval_cache[1:])
+        return True
+
+    def prepare(self, group, originals, training):
+        if self.eval_cached(group, originals, training):
+            return self
+        self.scaled_ok = not torch.is_autocast_enabled()
+        n_iters = group.n_power_iterations if training else 0
+        op_weights = [group.op_weight(i, w) for i, w in enumerate(originals)]
+        # ScaledLayer carries every sigma's gradient itself: the op's own backward (a
+        # weight-sized gradient per layer) is needed only for layers on the division path
+        grad = torch.is_grad_enabled() and not (self.scaled_ok and all(group.fast))
+        with torch.set_grad_enabled(grad):
+            res = group.run(op_weights, group.v, group.u, group.specs, n_iters)
+        group.calls += 1
+        if training:
+            store_state(res.state, group.v, group.u)
+        self.cur = FusedSigmas(group, res.sigmas, res.state)
+        return self
+
+    def layer_forward(self, group, i, module, x):
+        conv = group.conv_args[i] if self.scaled_ok else False
+        if conv is False:
+            return base_forward(module, x)  # weight(): W / the fused call's sigma
+        cur = self.cur
+        u, v = cur.u_list[i], cur.x_list[i]
+        rank1 = (dense_rank1(u, v, group.dims[i]) if group.specs[i] is None
+                 else operator_rank1(group.layout.geoms[i], u, v))
+        if conv is not None and module.padding_mode != "zeros":
+            x = F.pad(x, module._reversed_padding_repeated_twice, mode=module.padding_mode)
+        return ScaledLayer.apply(x, module.parametrizations.weight.original, module.bias,
+                                 cur.sigma_list[i], rank1, conv)
+
+    def weight(self, group, i, w):
+        return divide(w, self.cur.sigmas[i])
+
+    def store(self, group):
+        self.cur = None
+
+
+class FusedWeights(Strategy):
+    """The fused call also writes every ``W / sigma`` (:func:`lipkern.fused_normalize`: one
+    launch on the GPU, whose backward is one more), and each layer runs its own op on it: two
+    launches per training step for the whole model, whatever its depth. ``strategy="auto"``
+    picks it where the fused op is the Triton kernel on CUDA tensors."""
+
+    name = "fused_weights"
+
+    def __init__(self, scaled: ScaledOutputs):
+        self.scaled = scaled  # serves cache_eval's eval forwards
+        self.what: Optional[List[torch.Tensor]] = None  # this forward's W_l / sigma_l
+
+    def applies(self, group, w):
+        return w.device.type == "cuda" and \
+            resolve_backend(group.backend, w.device, w.dtype) == "triton"
+
+    def prepare(self, group, originals, training):
+        if self.scaled.eval_cached(group, originals, training):
+            return self.scaled
+        n_iters = group.n_power_iterations if training else 0
+        op_weights = [group.op_weight(i, w) for i, w in enumerate(originals)]
+        # one launch writes every W_l / sigma_l; the layers run their own ops on them
+        res = group.run(op_weights, group.v, group.u, group.specs, n_iters, fused_normalize)
+        group.calls += 1
+        if training:
+            store_state(res.state, group.v, group.u)
+        self.what = [w if d == 0 else w.movedim(0, d) for w, d in zip(res.weights, group.dims)]
+        return self
+
+    def layer_forward(self, group, i, module, x):
+        if isinstance(module, nn.Linear):
+            return F.linear(x, self.what[i], module.bias)
+        if not isinstance(module, _TRANSPOSED):
+            return module._conv_forward(x, self.what[i], module.bias)
+        return base_forward(module, x)  # weight(): self.what[i]
+
+    def weight(self, group, i, w):
+        return self.what[i]
+
+    def store(self, group):
+        self.what = None
+
+
+class Inline(Strategy):
+    """No separate call: each layer is one ``lipkern::sn_linear``
+    (:mod:`lipkern.ops.sn_linear`) whose power iteration rides in its own matmul and whose
+    sigma gradient rides in its weight-gradient GEMM. Linear layers in matrix mode, CPU,
+    float32/float64 outside autocast, the compiled extension built (else that forward runs
+    "scaled_outputs"). ``strategy="auto"`` picks it for Linear-only models on the CPU with
+    backend "auto" or "cpp"."""
+
+    name = "inline"
+
+    def __init__(self, scaled: ScaledOutputs):
+        self.scaled = scaled
+        self.originals: Optional[List[torch.Tensor]] = None
+        self.n_iters = 0
+        self.pending: dict = {}  # layer -> its new (u, v) in this forward
+
+    def runs(self, group, w) -> bool:
+        """Whether a forward on weights like ``w`` can run inline."""
+        return (group.all_linear and w.device.type == "cpu"
+                and w.dtype in (torch.float32, torch.float64)
+                and not torch.is_autocast_enabled() and load_ext() is not None)
+
+    def applies(self, group, w):
+        return group.backend in ("auto", "cpp") and self.runs(group, w)
+
+    def prepare(self, group, originals, training):
+        if not self.runs(group, originals[0]):
+            return self.scaled.prepare(group, originals, training)
+        self.originals = originals
+        self.n_iters = group.n_power_iterations if training else 0
+        self.pending = {}
+        return self
+
+    def layer_forward(self, group, i, module, x):
+        w = self.originals[i]
+        if x.dtype != w.dtype or x.device != w.device or _in_vmap(x) or _in_vmap(w):
+            return base_forward(module, x)  # weight(): the per-layer path
+        first = self.pending.get(i)
+        if first is None:
+            (u, v), n_iters = group.views[i], self.n_iters
+        else:  # called again in this forward: normalized once, with its new vectors
+            (u, v), n_iters = first, 0
+        y, _, u_new, v_new = _SN_LINEAR(x, w, bias(module), u, v, n_iters, group.eps)
+        if n_iters:
+            self.pending[i] = (u_new, v_new)
+        return y
+
+    def store(self, group):
+        """The new vectors into the layers' buffers: one ``_foreach_copy_`` per side for the
+        whole model (skipped under vmap, as store_state)."""
+        pending, self.pending = self.pending, {}
+        self.originals = None
+        if not pending:
+            return
+        if group.tiled and len(pending) == len(group.views) and \
+                not torch.compiler.is_compiling() and \
+                list(pending) == list(range(len(pending))) and \
+                not any(_in_vmap(uv[0]) for uv in pending.values()):
+            # every layer ran once, in order: two cats and two copies for the whole model
+            # (not under torch.compile: AOTAutograd rejects a write to the base of views that
+            # are graph inputs)
+            with torch.no_grad():
+                group.u.copy_(torch.cat([uv[0] for uv in pending.values()]))
+                group.v.copy_(torch.cat([uv[1] for uv in pending.values()]))
+            return
+        items = [(group.views[i], uv) for i, uv in pending.items() if not _in_vmap(uv[0])]
+        if items:
+            with torch.no_grad():
+                torch._foreach_copy_([b[0] for b, _ in items], [uv[0] for _, uv in items])
+                torch._foreach_copy_([b[1] for b, _ in items], [uv[1] for _, uv in items])
+
+
+def make_strategies() -> dict:
+    """One instance of every strategy for a new group, by name (the order of ``auto``'s
+    preference: the first whose ``applies`` holds)."""
+    scaled = ScaledOutputs()
+    return {"fused_weights": FusedWeights(scaled), "inline": Inline(scaled),
+            "scaled_outputs": scaled}
