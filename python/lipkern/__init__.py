@@ -5,6 +5,7 @@
 from . import distributed, nn, reference
 from .backends import BackendUnavailableError, available_backends
 from .bound import LipschitzReport, lipschitz_bound
+from .explain import Explanation, explain
 from .layout import PowerIterState
 from .ops.sn_linear import sn_linear
 from .power_iter import fused_normalize, fused_power_iter
@@ -14,4 +15,5 @@ from .spec import ConvSpec
 __version__ = "0.1.0"
 
 __all__ = ["ConvSpec", "fused_power_iter", "fused_normalize", "sn_linear", "NormalizeResult", "lipschitz_bound", "LipschitzReport", "distributed", "nn", "PowerIterResult", "PowerIterState", "reference",
-           "available_backends", "BackendUnavailableError", "__version__"]
+           "available_backends", "BackendUnavailableError", "__version__", "explain",
+           "Explanation"]
