@@ -45,3 +45,40 @@ def divided(w: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     if w.dtype in (torch.float16, torch.bfloat16):
         return (w.float() / scale.float()).to(w.dtype)
     return w / scale.to(w.dtype)
+
+
+class ScaledLayerExact(torch.autograd.Function):
+    """:class:`~lipkern.nn.scaled_layer.ScaledLayer` (``layer(x; W) / s + b``, its fast
+    first-order backward) whose backward is itself differentiable: under
+    ``create_graph=True`` (gradient penalties, R1) the backward recomputes the plain formula
+    ``layer(x; W) / s(W) + b`` from the saved inputs, with ``s(W) = sigma_fn(W)`` (u^T A(W) x
+    with the vectors fixed, then coeff), and differentiates it -- the same implicit rule at
+    every order (DESIGN.md), at the cost of one more forward of the layer in that backward.
+    Extra argument: ``sigma_fn`` (W -> 0-d divisor, differentiable)."""
+
+    @staticmethod
+    def forward(ctx, x, w, b, sigma, rank1, conv, sigma_fn):
+        from .scaled_layer import ScaledLayer
+        y = ScaledLayer.forward(ctx, x, w, b, sigma, rank1, conv)
+        ctx.b, ctx.sigma_fn = b, sigma_fn
+        return y
+
+    @staticmethod
+    def backward(ctx, gy):
+        from .scaled_layer import ScaledLayer
+        if not torch.is_grad_enabled():  # first order: the fast path
+            return (*ScaledLayer.backward(ctx, gy), None)
+        x, w = ctx.saved_tensors[:2]
+        b, conv = ctx.b, ctx.conv
+        need = ctx.needs_input_grad[:3]
+        inputs = [t for t, n in zip((x, w, b), need) if n]
+        with torch.enable_grad():
+            z = torch.nn.functional.linear(x, w) if conv is None else \
+                torch.ops.aten.convolution(x, w, None, *conv)
+            y = z / ctx.sigma_fn(w).to(z.dtype)
+            if b is not None:
+                y = y + (b if conv is None else b.view(-1, *([1] * (z.dim() - 2))))
+            grads = iter(torch.autograd.grad(y, inputs, gy, create_graph=True,
+                                             allow_unused=True))
+        gx, gw, gb = (next(grads) if n else None for n in need)
+        return gx, gw, gb, None, None, None, None

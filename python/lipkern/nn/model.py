@@ -206,6 +206,12 @@ class SpectralNormGroup:
         return fn(weights, specs, state=state, n_iters=n_iters, eps=self.eps,
                   backend=self.backend, check_finite=False, variant="spectral_norm")
 
+    def count_call(self) -> None:
+        """One more fused call (not counted under torch.compile: a Python int that changes
+        every call would be a guard, and so a recompilation every step)."""
+        if not torch.compiler.is_compiling():
+            self.calls += 1
+
     def cache_key(self, originals) -> Tuple:
         return (tuple((w._version, w.data_ptr(), w.dtype, w.device) for w in originals),
                 self.u._version, self.v._version, self.u.data_ptr(), self.v.data_ptr())

@@ -29,7 +29,7 @@ from ..backends import load_ext, resolve_backend
 from ..layout import PowerIterState
 from ..ops import sn_linear as _sn_linear  # noqa: F401  (registers lipkern::sn_linear's fakes)
 from ..power_iter import fused_normalize
-from .divided_weight import divided, scale_of, sigma_of
+from .divided_weight import ScaledLayerExact, divided, scale_of, sigma_of
 from .parametrization import _TRANSPOSED, _in_vmap
 from .scaled_layer import ScaledLayer, dense_rank1, operator_rank1
 
@@ -131,7 +131,7 @@ class ScaledOutputs(Strategy):
             with torch.no_grad():
                 res = group.run([group.op_weight(i, w) for i, w in enumerate(originals)],
                                 group.v, group.u, group.specs, 0)
-            group.calls += 1
+            group.count_call()
             self._eval_cache = (key, res.sigmas, res.state)
         self.scaled_ok = not torch.is_autocast_enabled()
         self.cur = FusedSigmas(group, *self._eval_cache[1:])
@@ -148,7 +148,7 @@ class ScaledOutputs(Strategy):
         grad = torch.is_grad_enabled() and not (self.scaled_ok and all(group.fast))
         with torch.set_grad_enabled(grad):
             res = group.run(op_weights, group.v, group.u, group.specs, n_iters)
-        group.calls += 1
+        group.count_call()
         if training:
             store_state(res.state, group.v, group.u)
         self.cur = FusedSigmas(group, res.sigmas, res.state)
@@ -160,8 +160,9 @@ class ScaledOutputs(Strategy):
             return base_forward(module, x)  # weight(): W / the fused call's sigma
         return self.scaled_forward(group, i, module, x, conv)
 
-    def scaled_forward(self, group, i, module, x, conv):
-        """``layer(x; W) / s + b`` with s = sigma (or ``max(sigma / coeff, 1)``)."""
+    def scaled_forward(self, group, i, module, x, conv, exact=False):
+        """``layer(x; W) / s + b`` with s = sigma (or ``max(sigma / coeff, 1)``); ``exact``:
+        a backward that is itself differentiable (ScaledLayerExact)."""
         cur = self.cur
         u, v, sigma = cur.u_list[i], cur.x_list[i], cur.sigma_list[i]
         if group.coeff is not None:
@@ -173,8 +174,16 @@ class ScaledOutputs(Strategy):
                  else operator_rank1(group.layout.geoms[i], u, v))
         if conv is not None and module.padding_mode != "zeros":
             x = F.pad(x, module._reversed_padding_repeated_twice, mode=module.padding_mode)
-        return ScaledLayer.apply(x, module.parametrizations.weight.original, module.bias,
-                                 sigma, rank1, conv)
+        w = module.parametrizations.weight.original
+        if exact:
+            geom, ui, xi, matrix = group.layout.geoms[i], cur.u_list[i], cur.x_list[i], \
+                group.specs[i] is None
+
+            def sigma_fn(w):
+                return scale_of(sigma_of(geom, group.op_weight(i, w), ui, xi, matrix),
+                                group.coeff)
+            return ScaledLayerExact.apply(x, w, module.bias, sigma, rank1, conv, sigma_fn)
+        return ScaledLayer.apply(x, w, module.bias, sigma, rank1, conv)
 
     def weight(self, group, i, w):
         return divided(w, scale_of(self.cur.sigmas[i], group.coeff))
@@ -225,7 +234,7 @@ class Mixed(ScaledOutputs):
         op_weights = [group.op_weight(i, w) for i, w in enumerate(originals)]
         with torch.no_grad():  # every layer takes its sigma gradient itself
             res = group.run(op_weights, group.v, group.u, group.specs, n_iters)
-        group.calls += 1
+        group.count_call()
         if training:
             store_state(res.state, group.v, group.u)
         self.cur = FusedSigmas(group, res.sigmas, res.state)
@@ -233,17 +242,26 @@ class Mixed(ScaledOutputs):
 
     def scales(self, group, i, x) -> bool:
         """Whether layer i scales its outputs for inputs shaped like ``x``."""
+        if torch.compiler.is_compiling():  # a pure function of shapes: no dict to guard on
+            return self.rule(group, i, x)
         key = (i, tuple(x.shape))
         c = self.choice.get(key)
         if c is None:
-            c = self.choice[key] = out_numel(group.modules[i], x) < \
-                self.scale_below * group.layout.geoms[i].w_numel
+            c = self.choice[key] = self.rule(group, i, x)
         return c
+
+    def rule(self, group, i, x) -> bool:
+        return out_numel(group.modules[i], x) < \
+            self.scale_below * group.layout.geoms[i].w_numel
 
     def layer_forward(self, group, i, module, x):
         conv = group.conv_args[i] if self.scaled_ok else False
         if conv is not False and self.scales(group, i, x):
-            return self.scaled_forward(group, i, module, x, conv)
+            # exact second order in eager; a compiled graph's backward refuses double
+            # backward itself (AOTAutograd), and dynamo cannot trace one Function's backward
+            # calling another's
+            return self.scaled_forward(group, i, module, x, conv,
+                                       exact=not torch.compiler.is_compiling())
         w = self.weight(group, i, module.parametrizations.weight.original)
         if isinstance(module, nn.Linear):
             return F.linear(x, w, module.bias)
@@ -296,7 +314,7 @@ class FusedWeights(Strategy):
         op_weights = [group.op_weight(i, w) for i, w in enumerate(originals)]
         # one launch writes every W_l / sigma_l; the layers run their own ops on them
         res = group.run(op_weights, group.v, group.u, group.specs, n_iters, fused_normalize)
-        group.calls += 1
+        group.count_call()
         if training:
             store_state(res.state, group.v, group.u)
         what = res.weights
