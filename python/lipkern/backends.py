@@ -53,7 +53,7 @@ def _ext_missing() -> str:
 
 def _why_not(backend: str, device: torch.device, dtype: torch.dtype):
     """None if ``backend`` can run on these tensors, else the reason (a sentence)."""
-    if backend == "torch":
+    if backend in ("torch", "grouped"):  # plain torch ops: every device torch runs on
         return None
     if backend == "triton":
         if not has_triton():
@@ -100,4 +100,4 @@ def resolve_backend(backend: str, device: torch.device, dtype: torch.dtype) -> s
 def available_backends(device="cpu", dtype=torch.float32):
     """Backends that can run on tensors of this device and dtype."""
     device = torch.device(device)
-    return [b for b in ("triton", "cuda", "cpp", "torch") if _why_not(b, device, dtype) is None]
+    return [b for b in ("triton", "cuda", "cpp", "grouped", "torch") if _why_not(b, device, dtype) is None]

@@ -31,6 +31,7 @@ from torch import Tensor
 from .. import reference
 from ..backends import load_ext
 from ..layout import Layout, layout_from_meta
+from . import grouped
 
 
 # ---------------------------------------------------------------- launchers
@@ -87,12 +88,16 @@ def _forward_impl(backend, weights, x0, u0, layout, n_iters, eps, tol):
     if backend == "triton":
         weights = [w.contiguous() for w in weights]
         return _triton().forward(weights, x0, u0, layout, n_iters, eps, tol)
+    if backend == "grouped":
+        return grouped.forward(weights, x0, u0, layout, n_iters, eps, tol)
     return _torch_forward(weights, x0, u0, layout, n_iters, eps, tol)
 
 
 def _backward_impl(backend, x, u, sigmas, gs, gl, glog, layout, wdtype):
     if backend == "triton":
         return _triton().backward(x, u, sigmas, gs, gl, glog, layout, wdtype)
+    if backend == "grouped":
+        return grouped.backward(x, u, sigma_coefficients(sigmas, gs, gl, glog), layout, wdtype)
     return _torch_backward(x, u, sigmas, gs, gl, glog, layout, wdtype)
 
 
