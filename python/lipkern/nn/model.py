@@ -55,9 +55,10 @@ from ..power_iter import fused_power_iter
 from ..spec import ConvSpec
 from ..validate import compute_dtype
 from .parametrization import _TRANSPOSED, _spec_from_module, make_picklable
-from .strategies import STRATEGIES, Inline, Strategy, divide, make_strategies, store_state
+from .divided_weight import divided, scale_of
+from .strategies import STRATEGIES, Inline, Strategy, make_strategies, store_state
 
-__all__ = ["spectral_norm_model", "remove_spectral_norm_model", "SpectralNormGroup",
+__all__ = ["spectral_norm_model", "remove_spectral_norm_model", "sigmas", "SpectralNormGroup",
            "GroupedSpectralNorm", "DEFAULT_TYPES", "SUPPORTED_TYPES"]
 
 DEFAULT_TYPES = (nn.Linear, nn.Conv1d, nn.Conv2d)
@@ -121,7 +122,7 @@ class SpectralNormGroup:
     def __init__(self, modules: Sequence[nn.Module], names: Sequence[str],
                  specs: Sequence[Optional[ConvSpec]], dims: Sequence[int],
                  n_power_iterations: int, eps: float, backend: str, cache_eval: bool,
-                 strategy: str = "auto"):
+                 strategy: str = "auto", coeff: Optional[float] = None):
         self.modules = list(modules)
         self.names = list(names)
         self.specs = tuple(specs)
@@ -131,6 +132,8 @@ class SpectralNormGroup:
         self.backend = backend
         self.cache_eval = cache_eval
         self.strategy = strategy
+        self.coeff = coeff  # None: W / sigma; else W * min(1, coeff / sigma)
+        self.last_sigmas: Optional[torch.Tensor] = None  # (L,) of the latest fused call
         self.layout: Optional[Layout] = None
         self.u: Optional[torch.Tensor] = None
         self.v: Optional[torch.Tensor] = None
@@ -203,6 +206,12 @@ class SpectralNormGroup:
         return fn(weights, specs, state=state, n_iters=n_iters, eps=self.eps,
                   backend=self.backend, check_finite=False, variant="spectral_norm")
 
+    def count_call(self) -> None:
+        """One more fused call (not counted under torch.compile: a Python int that changes
+        every call would be a guard, and so a recompilation every step)."""
+        if not torch.compiler.is_compiling():
+            self.calls += 1
+
     def cache_key(self, originals) -> Tuple:
         return (tuple((w._version, w.data_ptr(), w.dtype, w.device) for w in originals),
                 self.u._version, self.v._version, self.u.data_ptr(), self.v.data_ptr())
@@ -270,7 +279,7 @@ class SpectralNormGroup:
                        self.n_power_iterations if training else 0)
         if training:
             store_state(res.state, v, u)
-        return divide(weight, res.sigmas[0])
+        return divided(weight, scale_of(res.sigmas[0], self.coeff))
 
     # ------------------------------------------------------------ hooks (picklable)
     def pre_hook(self, module, args):
@@ -362,7 +371,8 @@ def spectral_norm_model(model: nn.Module, example_input=None, *, n_power_iterati
                         types: Union[None, type, Sequence[type]] = None,
                         names: Union[None, Iterable[str], Callable[[str, nn.Module], bool]] = None,
                         mode: str = "matrix", cache_eval: bool = False,
-                        backend: str = "auto", strategy: str = "auto") -> nn.Module:
+                        backend: str = "auto", strategy: str = "auto",
+                        coeff: Optional[float] = None) -> nn.Module:
     """Spectrally normalize every selected layer of ``model`` in place, with ONE fused call
     (one ``lipkern::`` op) per model forward for all of them (strategy "inline", the CPU
     default for Linear-only models, instead folds each layer's iteration into its own op).
@@ -386,7 +396,14 @@ def spectral_norm_model(model: nn.Module, example_input=None, *, n_power_iterati
         cache_eval: reuse the eval-mode normalized weights across eval forwards (see module
             docstring: zero power iterations, no weight gradient in eval).
         backend: as in :func:`lipkern.fused_power_iter`.
+        coeff: None (divide by sigma), or soft normalization as in invertible ResNets and
+            DUE: each weight becomes ``W * min(1, coeff / sigma)`` (a layer with sigma below
+            coeff is left as it is; gradients exact on both sides).
         strategy: how the layers use the fused call's sigmas (same values and gradients):
+            "mixed" -- per layer, the cheaper of dividing the weight (sigma = u^T A(W) x
+            recomputed differentiably from the fused call's vectors) and scaling the outputs,
+            by the size of the layer's output against its weight
+            (:class:`lipkern.nn.strategies.Mixed`);
             "fused_weights" -- the fused kernel also writes every ``W / sigma``
             (:func:`lipkern.fused_normalize`) and each layer runs its own op on it: two
             launches per training step for the whole model, whatever its depth (the GPU
@@ -399,7 +416,7 @@ def spectral_norm_model(model: nn.Module, example_input=None, *, n_power_iterati
             matmul; "auto" --
             "fused_weights" where the fused op is the Triton kernel on CUDA tensors, "inline"
             for a Linear-only model on the CPU (backend "auto" or "cpp", the extension
-            built), else "scaled_outputs".
+            built, no coeff), "mixed" for any other model on the CPU, else "scaled_outputs".
 
     Remove with :func:`remove_spectral_norm_model`.
     """
@@ -417,6 +434,12 @@ def spectral_norm_model(model: nn.Module, example_input=None, *, n_power_iterati
         raise ValueError(f"mode must be 'matrix' or 'operator', got {mode!r}")
     if strategy not in STRATEGIES:
         raise ValueError(f"strategy must be one of {STRATEGIES}, got {strategy!r}")
+    if coeff is not None and (isinstance(coeff, bool) or not isinstance(coeff, (int, float))
+                              or not coeff > 0 or coeff == float("inf")):
+        raise ValueError(f"coeff must be None or a finite float > 0, got {coeff!r}")
+    if coeff is not None and strategy == "inline":
+        raise ValueError("strategy='inline' does not take coeff= (lipkern::sn_linear divides by "
+                         "sigma itself); use strategy='mixed' or 'auto'")
     targets = _select(model, types, names)
     first = targets[0][1].weight
     for qname, m in targets:
@@ -441,7 +464,8 @@ def spectral_norm_model(model: nn.Module, example_input=None, *, n_power_iterati
     dims = [1 if isinstance(m, _TRANSPOSED) and spec is None else 0
             for (_, m), spec in zip(targets, specs)]
     group = SpectralNormGroup([m for _, m in targets], [q for q, _ in targets], specs, dims,
-                              n_power_iterations, eps, backend, cache_eval, strategy)
+                              n_power_iterations, eps, backend, cache_eval, strategy,
+                              None if coeff is None else float(coeff))
     if strategy == "inline":
         if not group.all_linear:
             raise ValueError("strategy='inline' folds the power iteration into Linear layers' "
@@ -458,6 +482,7 @@ def spectral_norm_model(model: nn.Module, example_input=None, *, n_power_iterati
     with torch.no_grad():
         res = group.run(weights, torch.cat(vs), torch.cat(us), group.specs,
                          15 + n_power_iterations)
+    group.last_sigmas = res.sigmas
     lay = group.layout
     us = [res.state.u[lay.y_slice(i)].to(first.dtype) for i in range(len(targets))]
     vs = [res.state.x[lay.x_slice(i)].to(first.dtype) for i in range(len(targets))]
@@ -496,6 +521,18 @@ def _initial_vectors(group: SpectralNormGroup, weights):
         us.append(u)
         vs.append(v)
     return us, vs
+
+
+def sigmas(model: nn.Module) -> dict:
+    """The current sigma of every layer normalized by :func:`spectral_norm_model`, for
+    logging: ``{qualified layer name: 0-d float32 tensor}``, the sigmas of the latest forward
+    (at registration: of its warm-up iterations). Nothing is recomputed and nothing
+    synchronizes (the tensors stay on the weights' device; ``.item()`` them to log). The
+    values are the sigmas the layers were divided by (before ``coeff``); detached."""
+    group = getattr(model, _ATTR, None)
+    if group is None:
+        raise ValueError("sigmas(model): model has no spectral_norm_model applied")
+    return dict(zip(group.names, group.last_sigmas.unbind(0)))
 
 
 def remove_spectral_norm_model(model: nn.Module, leave_parametrized: bool = True) -> nn.Module:

@@ -29,13 +29,14 @@ from ..backends import load_ext, resolve_backend
 from ..layout import PowerIterState
 from ..ops import sn_linear as _sn_linear  # noqa: F401  (registers lipkern::sn_linear's fakes)
 from ..power_iter import fused_normalize
+from .divided_weight import ScaledLayerExact, divided, scale_of, sigma_of
 from .parametrization import _TRANSPOSED, _in_vmap
 from .scaled_layer import ScaledLayer, dense_rank1, operator_rank1
 
-__all__ = ["Strategy", "FusedSigmas", "ScaledOutputs", "FusedWeights", "Inline",
-           "make_strategies", "STRATEGIES"]
+__all__ = ["Strategy", "FusedSigmas", "ScaledOutputs", "FusedWeights", "Inline", "Mixed",
+           "make_strategies", "STRATEGIES", "SCALE_OUTPUTS_BELOW"]
 
-STRATEGIES = ("auto", "fused_weights", "scaled_outputs", "inline")
+STRATEGIES = ("auto", "mixed", "fused_weights", "scaled_outputs", "inline")
 _SN_LINEAR = torch.ops.lipkern.sn_linear.default if _sn_linear.available() else None
 
 
@@ -95,6 +96,7 @@ class FusedSigmas:
     def __init__(self, group, sigmas: torch.Tensor, state: PowerIterState):
         lay = group.layout
         self.sigmas = sigmas
+        group.last_sigmas = sigmas.detach()  # for lipkern.nn.sigmas(model)
         self.sigma_list = sigmas.detach().unbind(0)
         self.u_list = state.u.split([g.y_numel for g in lay.geoms])
         self.x_list = state.x.split([g.x_numel for g in lay.geoms])
@@ -129,7 +131,7 @@ class ScaledOutputs(Strategy):
             with torch.no_grad():
                 res = group.run([group.op_weight(i, w) for i, w in enumerate(originals)],
                                 group.v, group.u, group.specs, 0)
-            group.calls += 1
+            group.count_call()
             self._eval_cache = (key, res.sigmas, res.state)
         self.scaled_ok = not torch.is_autocast_enabled()
         self.cur = FusedSigmas(group, *self._eval_cache[1:])
@@ -146,7 +148,7 @@ class ScaledOutputs(Strategy):
         grad = torch.is_grad_enabled() and not (self.scaled_ok and all(group.fast))
         with torch.set_grad_enabled(grad):
             res = group.run(op_weights, group.v, group.u, group.specs, n_iters)
-        group.calls += 1
+        group.count_call()
         if training:
             store_state(res.state, group.v, group.u)
         self.cur = FusedSigmas(group, res.sigmas, res.state)
@@ -156,20 +158,137 @@ class ScaledOutputs(Strategy):
         conv = group.conv_args[i] if self.scaled_ok else False
         if conv is False:
             return base_forward(module, x)  # weight(): W / the fused call's sigma
+        return self.scaled_forward(group, i, module, x, conv)
+
+    def scaled_forward(self, group, i, module, x, conv, exact=False):
+        """``layer(x; W) / s + b`` with s = sigma (or ``max(sigma / coeff, 1)``); ``exact``:
+        a backward that is itself differentiable (ScaledLayerExact)."""
         cur = self.cur
-        u, v = cur.u_list[i], cur.x_list[i]
+        u, v, sigma = cur.u_list[i], cur.x_list[i], cur.sigma_list[i]
+        if group.coeff is not None:
+            # d s / d sigma: 1/coeff above coeff, 0 below (the layer is then W itself);
+            # folded into u, which the rank-one term is linear in
+            u = u * ((sigma > group.coeff).to(u.dtype) / group.coeff)
+            sigma = scale_of(sigma, group.coeff)
         rank1 = (dense_rank1(u, v, group.dims[i]) if group.specs[i] is None
                  else operator_rank1(group.layout.geoms[i], u, v))
         if conv is not None and module.padding_mode != "zeros":
             x = F.pad(x, module._reversed_padding_repeated_twice, mode=module.padding_mode)
-        return ScaledLayer.apply(x, module.parametrizations.weight.original, module.bias,
-                                 cur.sigma_list[i], rank1, conv)
+        w = module.parametrizations.weight.original
+        if exact:
+            geom, ui, xi, matrix = group.layout.geoms[i], cur.u_list[i], cur.x_list[i], \
+                group.specs[i] is None
+
+            def sigma_fn(w):
+                return scale_of(sigma_of(geom, group.op_weight(i, w), ui, xi, matrix),
+                                group.coeff)
+            return ScaledLayerExact.apply(x, w, module.bias, sigma, rank1, conv, sigma_fn)
+        return ScaledLayer.apply(x, w, module.bias, sigma, rank1, conv)
 
     def weight(self, group, i, w):
-        return divide(w, self.cur.sigmas[i])
+        return divided(w, scale_of(self.cur.sigmas[i], group.coeff))
 
     def store(self, group):
         self.cur = None
+
+
+# where "mixed" scales a layer's outputs rather than dividing its weight: output elements per
+# step below this many times the weight's elements (see the rule in Mixed's docstring and
+# bench/NOTES.md, "Issue 16")
+SCALE_OUTPUTS_BELOW = 10.0
+
+
+class Mixed(ScaledOutputs):
+    """Per layer, the cheaper of the two ways to use one fused call's sigmas (the call itself
+    without autograd):
+
+    * divide the weight -- ``W / sigma`` with ``sigma = u^T A(W) x`` recomputed from the
+      call's vectors (:mod:`lipkern.nn.divided_weight`), the layer's own op on it: O(weight)
+      extra work per step, a few weight-sized passes;
+    * scale the outputs -- ``layer(x; W) / sigma + b`` (ScaledLayer): O(output) extra work,
+      a few passes over the activations (and one more activation kept for the backward).
+
+    A conv early in a CNN has a tiny weight and a huge output (SNGAN's first conv: 1.7e3
+    weights, 2e6 outputs at batch 32), a late one the reverse (its 3x3 512x256 weight 1.2e6,
+    output 2.6e5): one rule for all layers loses on one end. The rule, from the measurements
+    in bench/NOTES.md ("Issue 16"): scale the outputs iff
+    ``out_numel < SCALE_OUTPUTS_BELOW * w_numel``, decided per layer and input shape (cached).
+    ``strategy="auto"`` picks it on the CPU for every model but Linear-only ones ("inline").
+    """
+
+    name = "mixed"
+
+    def __init__(self):
+        super().__init__()
+        self.choice: dict = {}  # (layer, input shape) -> scale the outputs?
+        self.scale_below = SCALE_OUTPUTS_BELOW  # the rule's threshold (benchmarks vary it)
+
+    def applies(self, group, w):
+        return w.device.type == "cpu"
+
+    def prepare(self, group, originals, training):
+        if self.eval_cached(group, originals, training):
+            return self
+        self.scaled_ok = not torch.is_autocast_enabled()
+        n_iters = group.n_power_iterations if training else 0
+        op_weights = [group.op_weight(i, w) for i, w in enumerate(originals)]
+        with torch.no_grad():  # every layer takes its sigma gradient itself
+            res = group.run(op_weights, group.v, group.u, group.specs, n_iters)
+        group.count_call()
+        if training:
+            store_state(res.state, group.v, group.u)
+        self.cur = FusedSigmas(group, res.sigmas, res.state)
+        return self
+
+    def scales(self, group, i, x) -> bool:
+        """Whether layer i scales its outputs for inputs shaped like ``x``."""
+        if torch.compiler.is_compiling():  # a pure function of shapes: no dict to guard on
+            return self.rule(group, i, x)
+        key = (i, tuple(x.shape))
+        c = self.choice.get(key)
+        if c is None:
+            c = self.choice[key] = self.rule(group, i, x)
+        return c
+
+    def rule(self, group, i, x) -> bool:
+        return out_numel(group.modules[i], x) < \
+            self.scale_below * group.layout.geoms[i].w_numel
+
+    def layer_forward(self, group, i, module, x):
+        conv = group.conv_args[i] if self.scaled_ok else False
+        if conv is not False and self.scales(group, i, x):
+            # exact second order in eager; a compiled graph's backward refuses double
+            # backward itself (AOTAutograd), and dynamo cannot trace one Function's backward
+            # calling another's
+            return self.scaled_forward(group, i, module, x, conv,
+                                       exact=not torch.compiler.is_compiling())
+        w = self.weight(group, i, module.parametrizations.weight.original)
+        if isinstance(module, nn.Linear):
+            return F.linear(x, w, module.bias)
+        if not isinstance(module, _TRANSPOSED):
+            return module._conv_forward(x, w, module.bias)
+        return base_forward(module, x)  # weight(): the same division
+
+    def weight(self, group, i, w):
+        cur = self.cur
+        with torch.autocast(w.device.type, enabled=False):
+            sigma = sigma_of(group.layout.geoms[i], group.op_weight(i, w), cur.u_list[i],
+                             cur.x_list[i], group.specs[i] is None)
+            return divided(w, scale_of(sigma, group.coeff))
+
+
+def out_numel(module: nn.Module, x: torch.Tensor) -> int:
+    """Elements of the layer's output for input ``x`` (convs: from the stride, ignoring the
+    few rows padding and kernel size add or remove -- a cost estimate, not a shape)."""
+    if isinstance(module, nn.Linear):
+        return x.numel() // max(module.in_features, 1) * module.out_features
+    per_channel = x.numel() // max(module.in_channels, 1)
+    stride = 1
+    for s in module.stride:
+        stride *= s
+    if isinstance(module, _TRANSPOSED):
+        return per_channel * module.out_channels * stride
+    return per_channel * module.out_channels // stride
 
 
 class FusedWeights(Strategy):
@@ -195,10 +314,15 @@ class FusedWeights(Strategy):
         op_weights = [group.op_weight(i, w) for i, w in enumerate(originals)]
         # one launch writes every W_l / sigma_l; the layers run their own ops on them
         res = group.run(op_weights, group.v, group.u, group.specs, n_iters, fused_normalize)
-        group.calls += 1
+        group.count_call()
         if training:
             store_state(res.state, group.v, group.u)
-        self.what = [w if d == 0 else w.movedim(0, d) for w, d in zip(res.weights, group.dims)]
+        what = res.weights
+        if group.coeff is not None:  # W / sigma * min(sigma, coeff) = W * min(1, coeff/sigma)
+            what = [w * torch.clamp_max(s, group.coeff).to(w.dtype)
+                    for w, s in zip(what, res.sigmas.unbind(0))]
+        group.last_sigmas = res.sigmas.detach()
+        self.what = [w if d == 0 else w.movedim(0, d) for w, d in zip(what, group.dims)]
         return self
 
     def layer_forward(self, group, i, module, x):
@@ -219,8 +343,8 @@ class Inline(Strategy):
     """No separate call: each layer is one ``lipkern::sn_linear``
     (:mod:`lipkern.ops.sn_linear`) whose power iteration rides in its own matmul and whose
     sigma gradient rides in its weight-gradient GEMM. Linear layers in matrix mode, CPU,
-    float32/float64 outside autocast, the compiled extension built (else that forward runs
-    "scaled_outputs"). ``strategy="auto"`` picks it for Linear-only models on the CPU with
+    float32/float64 outside autocast, no ``coeff``, the compiled extension built (else that
+    forward runs "scaled_outputs"). ``strategy="auto"`` picks it for Linear-only models on the CPU with
     backend "auto" or "cpp"."""
 
     name = "inline"
@@ -230,10 +354,11 @@ class Inline(Strategy):
         self.originals: Optional[List[torch.Tensor]] = None
         self.n_iters = 0
         self.pending: dict = {}  # layer -> its new (u, v) in this forward
+        self.sigmas: dict = {}
 
     def runs(self, group, w) -> bool:
         """Whether a forward on weights like ``w`` can run inline."""
-        return (group.all_linear and w.device.type == "cpu"
+        return (group.all_linear and group.coeff is None and w.device.type == "cpu"
                 and w.dtype in (torch.float32, torch.float64)
                 and not torch.is_autocast_enabled() and load_ext() is not None)
 
@@ -246,6 +371,7 @@ class Inline(Strategy):
         self.originals = originals
         self.n_iters = group.n_power_iterations if training else 0
         self.pending = {}
+        self.sigmas = {}  # layer -> its sigma in this forward (for lipkern.nn.sigmas)
         return self
 
     def layer_forward(self, group, i, module, x):
@@ -257,9 +383,10 @@ class Inline(Strategy):
             (u, v), n_iters = group.views[i], self.n_iters
         else:  # called again in this forward: normalized once, with its new vectors
             (u, v), n_iters = first, 0
-        y, _, u_new, v_new = _SN_LINEAR(x, w, bias(module), u, v, n_iters, group.eps)
+        y, sigma, u_new, v_new = _SN_LINEAR(x, w, bias(module), u, v, n_iters, group.eps)
         if n_iters:
             self.pending[i] = (u_new, v_new)
+        self.sigmas[i] = sigma
         return y
 
     def store(self, group):
@@ -267,6 +394,9 @@ class Inline(Strategy):
         whole model (skipped under vmap, as store_state)."""
         pending, self.pending = self.pending, {}
         self.originals = None
+        sig, self.sigmas = self.sigmas, {}
+        if len(sig) == len(group.views):  # every layer ran: this forward's sigmas
+            group.last_sigmas = torch.stack([sig[i] for i in range(len(sig))]).detach()
         if not pending:
             return
         if group.tiled and len(pending) == len(group.views) and \
@@ -288,8 +418,8 @@ class Inline(Strategy):
 
 
 def make_strategies() -> dict:
-    """One instance of every strategy for a new group, by name (the order of ``auto``'s
-    preference: the first whose ``applies`` holds)."""
+    """One instance of every strategy for a new group, by name, in the order of ``auto``'s
+    preference (the first whose ``applies`` holds; "scaled_outputs" applies everywhere)."""
     scaled = ScaledOutputs()
-    return {"fused_weights": FusedWeights(scaled), "inline": Inline(scaled),
+    return {"fused_weights": FusedWeights(scaled), "inline": Inline(scaled), "mixed": Mixed(),
             "scaled_outputs": scaled}
