@@ -21,7 +21,8 @@ def fused_power_iter(weights: Sequence[torch.Tensor],
                      state: Optional[PowerIterState] = None, n_iters: int = 5,
                      eps: float = 1e-12, tol: Optional[float] = None, backend: str = "auto",
                      generator: Optional[torch.Generator] = None,
-                     check_finite: bool = True, variant: str = "power") -> PowerIterResult:
+                     check_finite: bool = True, variant: str = "power",
+                     precision: str = "ieee") -> PowerIterResult:
     """Spectral norms of many layers at once, and the network's Lipschitz upper bound.
 
     Power iteration (see :mod:`lipkern.reference` for the exact math) on every layer in one
@@ -55,6 +56,16 @@ def fused_power_iter(weights: Sequence[torch.Tensor],
             ``u``), per iteration ``u = normalize(A x)``, ``x = normalize(A^T u)``, then
             ``sigma = u^T A x``; ``n_iters=0`` evaluates ``u0^T A x0`` (torch's eval mode).
             No ``tol``. Used by :mod:`lipkern.nn` to match per-layer spectral_norm exactly.
+        precision: "ieee" | "tf32x3" | "tf32", the conv products of the Triton v2 kernel
+            (opt-in: ``LIPKERN_TRITON_V2=1``; a precision other than "ieee" also selects it):
+            "tf32x3" three tf32 tensor-core products per step (fp32-level error), "tf32"
+            one, on operands rounded to nearest where they are produced (never raw fp32 into
+            a tf32 dot: that truncation biases sigma low); norms and sigma always come from
+            fp32 accumulators. GPU only: ignored (the result is "ieee") on CPU tensors, on
+            other backends and for layers v2 does not cover (they run v1, ieee). The default
+            stays "ieee" until a GPU run has measured the sigma error of each (predicted from
+            a CPU emulation: tf32x3 ~2e-7 median relative, tf32-rounded ~3e-6; see
+            bench/NOTES.md, issue 13): the default then becomes the fastest one within 1e-5.
 
     Returns:
         :class:`PowerIterResult` with ``sigmas`` (L,), ``lipschitz`` (), ``log_lipschitz`` ()
@@ -64,9 +75,22 @@ def fused_power_iter(weights: Sequence[torch.Tensor],
     weights, layout, chosen, x0, u0 = _prepare(weights, specs, state, n_iters, eps, tol,
                                                backend, generator, check_finite, variant)
     sigmas, lip, log_lip, x, u = call_op(
-        chosen, list(weights), x0, u0, list(layout.meta), n_iters, float(eps),
-        -1.0 if tol is None else float(tol))
+        _with_precision(chosen, precision, x0.device), list(weights), x0, u0,
+        list(layout.meta), n_iters, float(eps), -1.0 if tol is None else float(tol))
     return PowerIterResult(sigmas, lip, log_lip, PowerIterState(x, u, layout.meta))
+
+
+PRECISIONS = ("ieee", "tf32x3", "tf32")
+
+
+def _with_precision(backend: str, precision: str, device: torch.device) -> str:
+    """The op's backend string: "triton:<precision>" runs the v2 kernel in that precision
+    (GPU only); anything else ignores precision (documented in fused_power_iter)."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
+    if backend == "triton" and precision != "ieee" and device.type == "cuda":
+        return f"triton:{precision}"
+    return backend
 
 
 def fused_normalize(weights: Sequence[torch.Tensor],
