@@ -8,6 +8,7 @@ import torch
 
 from .backends import choose_backend
 from .layout import PowerIterState, initial_u, initial_x
+from .ops import grouped
 from .ops.normalize import normalize_op
 from .ops.power_iter import call_op
 from .reference import divide
@@ -121,7 +122,10 @@ def fused_normalize(weights: Sequence[torch.Tensor],
     if chosen != "triton":
         sigmas, _, _, x, u = call_op(chosen, list(weights), x0, u0, list(layout.meta), n_iters,
                                      float(eps), tol)
-        outs = [divide(w, s) for w, s in zip(weights, sigmas.unbind(0))]
+        if chosen == "grouped":  # one division per bucket, not per layer
+            outs = grouped.divide_weights(list(weights), sigmas, layout)
+        else:
+            outs = [divide(w, s) for w, s in zip(weights, sigmas.unbind(0))]
     else:
         sigmas, x, u, what = normalize_op(list(weights), x0, u0, list(layout.meta), n_iters,
                                           float(eps), tol)
