@@ -148,5 +148,7 @@ def _prepare(weights, specs, state, n_iters, eps, tol, backend, generator, check
     u0 = None
     if variant == "spectral_norm":
         u0 = state.u if state is not None else initial_u(layout, device, cdtype, generator)
-        u0 = u0.to(cdtype)
-    return weights, layout, chosen, x0.to(cdtype), u0
+        # contiguous: a state may be a strided or expanded (stride-0) view, and the kernels
+        # read the packed vectors as flat buffers
+        u0 = u0.to(cdtype).contiguous()
+    return weights, layout, chosen, x0.to(cdtype).contiguous(), u0

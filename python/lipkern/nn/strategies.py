@@ -133,14 +133,14 @@ class ScaledOutputs(Strategy):
                                 group.v, group.u, group.specs, 0)
             group.count_call()
             self._eval_cache = (key, res.sigmas, res.state)
-        self.scaled_ok = not torch.is_autocast_enabled()
+        self.scaled_ok = not torch.is_autocast_enabled(originals[0].device.type)
         self.cur = FusedSigmas(group, *self._eval_cache[1:])
         return True
 
     def prepare(self, group, originals, training):
         if self.eval_cached(group, originals, training):
             return self
-        self.scaled_ok = not torch.is_autocast_enabled()
+        self.scaled_ok = not torch.is_autocast_enabled(originals[0].device.type)
         n_iters = group.n_power_iterations if training else 0
         op_weights = [group.op_weight(i, w) for i, w in enumerate(originals)]
         # ScaledLayer carries every sigma's gradient itself: the op's own backward (a
@@ -229,7 +229,7 @@ class Mixed(ScaledOutputs):
     def prepare(self, group, originals, training):
         if self.eval_cached(group, originals, training):
             return self
-        self.scaled_ok = not torch.is_autocast_enabled()
+        self.scaled_ok = not torch.is_autocast_enabled(originals[0].device.type)
         n_iters = group.n_power_iterations if training else 0
         op_weights = [group.op_weight(i, w) for i, w in enumerate(originals)]
         with torch.no_grad():  # every layer takes its sigma gradient itself
@@ -360,7 +360,7 @@ class Inline(Strategy):
         """Whether a forward on weights like ``w`` can run inline."""
         return (group.all_linear and group.coeff is None and w.device.type == "cpu"
                 and w.dtype in (torch.float32, torch.float64)
-                and not torch.is_autocast_enabled() and load_ext() is not None)
+                and not torch.is_autocast_enabled(w.device.type) and load_ext() is not None)
 
     def applies(self, group, w):
         return group.backend in ("auto", "cpp") and self.runs(group, w)
