@@ -132,7 +132,7 @@ def make_step(kind, model, x, y):
     return step
 
 
-def measure(name, kind, reps, warmup, batch=None, compiled=False):
+def measure(name, kind, reps, warmup, batch=None, compiled=False, clock="wall"):
     build, default_batch, _ = CONVNETS[name]
     batch = batch or default_batch
     torch.manual_seed(0)
@@ -149,18 +149,22 @@ def measure(name, kind, reps, warmup, batch=None, compiled=False):
             steps[pname] = f
         except Exception as e:  # a provider that cannot run this step: reported, not timed
             errors[pname] = f"{type(e).__name__}: {str(e).splitlines()[0][:120]}"
+    # "thread": CPU time of this thread (with --threads 1 all the work runs on it): on a
+    # shared machine wall time mostly measures the other processes
+    now = time.thread_time if clock == "thread" else time.perf_counter
     times = {n: [] for n in steps}
     for _ in range(reps):
         for n, f in steps.items():
-            t0 = time.perf_counter()
+            t0 = now()
             f()
-            times[n].append(time.perf_counter() - t0)
+            times[n].append(now() - t0)
     plain = times["plain"]
     med = {n: statistics.median(t) * 1e3 for n, t in times.items()}
     over = {n: statistics.median([a - b for a, b in zip(t, plain)]) * 1e3
             for n, t in times.items()}
     return dict(workload=name, step=kind, batch=batch, layers=len(_layers(base)),
-                median_ms=med, overhead_ms=over, errors=errors, reps=reps)
+                median_ms=med, overhead_ms=over, errors=errors, reps=reps, clock=clock,
+                threads=torch.get_num_threads())
 
 
 def verdict(row):

@@ -231,6 +231,9 @@ def main(argv=None):
     ap.add_argument("--threads", type=int, default=None,
                     help="torch.set_num_threads (1 on a shared machine: idle OpenMP threads "
                          "of other processes' spin-waits inflate multi-threaded steps)")
+    ap.add_argument("--clock", default="wall", choices=["wall", "thread"],
+                    help="convnets: wall time, or this thread's CPU time (with --threads 1: "
+                         "what to use on a shared machine)")
     ap.add_argument("--compile", action="store_true",
                     help="convnets: also time plain and lipkern under torch.compile (inductor)")
     ap.add_argument("--no-json", action="store_true")
@@ -270,7 +273,7 @@ def main_convnets(args):
         strategy = bench_convnets.resolved(w)
         for kind in bench_convnets.CONVNETS[w][2]:
             row = bench_convnets.measure(w, kind, args.reps, args.warmup, args.batch,
-                                         args.compile)
+                                         args.compile, args.clock)
             bench_convnets.print_row(row, strategy)
             summary.append((w, kind, bench_convnets.verdict(row)[2]))
             if not args.no_json:
