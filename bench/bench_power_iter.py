@@ -323,7 +323,7 @@ def setup_inputs(ws, specs, n_iters, warm, device):
 
 
 def default_providers(device):
-    names = ["naive", "grouped", "torch_sn", "lipkern", "lipkern_torch"]
+    names = ["naive", "grouped", "torch_sn", "lipkern", "lipkern_grouped", "lipkern_torch"]
     # optional installs (pip install -e ".[bench]"); orthogonium only when asked for: its Gram
     # iteration took 19 s for the 20 toy layers on the CPU (lipkern: 14 ms)
     for mod, name in (("deel.torchlip", "deel_torchlip"),):
@@ -362,7 +362,8 @@ def measure(ws, specs, n_iters, warm, names, device, mode, reps, warmup, trace=N
             return make_deel(ws, specs)
         if name.startswith("lipkern"):
             be = {"lipkern": "auto", "lipkern_torch": "torch", "lipkern_triton": "triton",
-                  "lipkern_cpp": "cpp", "lipkern_cuda": "cuda"}[name]
+                  "lipkern_cpp": "cpp", "lipkern_cuda": "cuda",
+                  "lipkern_grouped": "grouped"}[name]
 
             def run():
                 r = lipkern.fused_power_iter(leaves, specs, state=state, n_iters=n_iters,
@@ -523,7 +524,8 @@ def main(argv=None):
     p.add_argument("--providers", default="auto",
                    help="comma list of naive,grouped,torch_sn,grouped_compile,"
                         "grouped_cudagraph,deel_torchlip,orthogonium,lipkern,lipkern_torch,"
-                        "lipkern_triton,lipkern_cpp,lipkern_cuda (auto: what runs here)")
+                        "lipkern_triton,lipkern_cpp,lipkern_cuda,lipkern_grouped (auto: what "
+                        "runs here)")
     p.add_argument("--quick", action="store_true", help="smoke test: 1 rep, no warmup")
     p.add_argument("--plot", default=None, help="sweep: write a PNG of speedup vs layers")
     p.add_argument("--trace", default=None, help="write a torch.profiler trace (JSON)")
