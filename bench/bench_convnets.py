@@ -18,6 +18,8 @@ weights and inputs:
   lk_divided       strategy "mixed" with every layer dividing its weight
   lk_op            spectral_norm_model(mode="operator"), strategy "auto": the conv operator
   lk_op_per_layer  lipkern.nn.spectral_norm(mode="operator") on every conv
+  plain_compiled, lipkern_compiled  (--compile; not for gp_step: a compiled graph refuses
+                   double backward) torch.compile(model), inductor
 Overhead = the median over reps of (provider's step - plain's step in the same rep): paired,
 so the machine's drift cancels. Verdict per model (issue 16's done criterion): matrix --
 lipkern's overhead below torch_sn's; operator -- lk_op's overhead at most
@@ -63,8 +65,9 @@ def _input_sizes(model, x):
     return sizes
 
 
-def providers(base, x):
-    """name -> the normalized copy of base."""
+def providers(base, x, compiled=False):
+    """name -> the normalized copy of base (``compiled``: also plain and lipkern under
+    torch.compile, inductor)."""
     def per_layer(fn, **kw):
         m = copy.deepcopy(base)
         for layer in _layers(m):
@@ -87,7 +90,7 @@ def providers(base, x):
         return m
 
     snm = lipkern.nn.spectral_norm_model
-    return {
+    out = {
         "plain": lambda: copy.deepcopy(base),
         "torch_sn": lambda: per_layer(torch.nn.utils.parametrizations.spectral_norm),
         "lk_per_layer": lambda: per_layer(lipkern.nn.spectral_norm),
@@ -97,6 +100,10 @@ def providers(base, x):
         "lk_op": lambda: snm(copy.deepcopy(base), x[:1], mode="operator"),
         "lk_op_per_layer": op_per_layer,
     }
+    if compiled:
+        out["plain_compiled"] = lambda: torch.compile(copy.deepcopy(base))
+        out["lipkern_compiled"] = lambda: torch.compile(snm(copy.deepcopy(base)))
+    return out
 
 
 def make_step(kind, model, x, y):
@@ -125,7 +132,7 @@ def make_step(kind, model, x, y):
     return step
 
 
-def measure(name, kind, reps, warmup, batch=None):
+def measure(name, kind, reps, warmup, batch=None, compiled=False, clock="wall"):
     build, default_batch, _ = CONVNETS[name]
     batch = batch or default_batch
     torch.manual_seed(0)
@@ -133,7 +140,7 @@ def measure(name, kind, reps, warmup, batch=None):
     x = torch.randn(batch, 3, 32, 32)
     y = torch.randint(0, 10, (batch,))
     steps, errors = {}, {}
-    for pname, make in providers(base, x).items():
+    for pname, make in providers(base, x, compiled and kind != "gp_step").items():
         try:
             torch.manual_seed(1)
             f = make_step(kind, make(), x, y)
@@ -142,18 +149,22 @@ def measure(name, kind, reps, warmup, batch=None):
             steps[pname] = f
         except Exception as e:  # a provider that cannot run this step: reported, not timed
             errors[pname] = f"{type(e).__name__}: {str(e).splitlines()[0][:120]}"
+    # "thread": CPU time of this thread (with --threads 1 all the work runs on it): on a
+    # shared machine wall time mostly measures the other processes
+    now = time.thread_time if clock == "thread" else time.perf_counter
     times = {n: [] for n in steps}
     for _ in range(reps):
         for n, f in steps.items():
-            t0 = time.perf_counter()
+            t0 = now()
             f()
-            times[n].append(time.perf_counter() - t0)
+            times[n].append(now() - t0)
     plain = times["plain"]
     med = {n: statistics.median(t) * 1e3 for n, t in times.items()}
     over = {n: statistics.median([a - b for a, b in zip(t, plain)]) * 1e3
             for n, t in times.items()}
     return dict(workload=name, step=kind, batch=batch, layers=len(_layers(base)),
-                median_ms=med, overhead_ms=over, errors=errors, reps=reps)
+                median_ms=med, overhead_ms=over, errors=errors, reps=reps, clock=clock,
+                threads=torch.get_num_threads())
 
 
 def verdict(row):

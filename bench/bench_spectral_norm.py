@@ -228,9 +228,19 @@ def main(argv=None):
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--no-deel", action="store_true")
+    ap.add_argument("--threads", type=int, default=None,
+                    help="torch.set_num_threads (1 on a shared machine: idle OpenMP threads "
+                         "of other processes' spin-waits inflate multi-threaded steps)")
+    ap.add_argument("--clock", default="wall", choices=["wall", "thread"],
+                    help="convnets: wall time, or this thread's CPU time (with --threads 1: "
+                         "what to use on a shared machine)")
+    ap.add_argument("--compile", action="store_true",
+                    help="convnets: also time plain and lipkern under torch.compile (inductor)")
     ap.add_argument("--no-json", action="store_true")
     ap.add_argument("--out", default=RESULTS)
     args = ap.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     if args.workload == "convnets" or args.workload in bench_convnets.CONVNETS:
         return main_convnets(args)
     names = list(WORKLOADS) if args.workload == "all" else [args.workload]
@@ -262,7 +272,8 @@ def main_convnets(args):
     for w in names:
         strategy = bench_convnets.resolved(w)
         for kind in bench_convnets.CONVNETS[w][2]:
-            row = bench_convnets.measure(w, kind, args.reps, args.warmup, args.batch)
+            row = bench_convnets.measure(w, kind, args.reps, args.warmup, args.batch,
+                                         args.compile, args.clock)
             bench_convnets.print_row(row, strategy)
             summary.append((w, kind, bench_convnets.verdict(row)[2]))
             if not args.no_json:

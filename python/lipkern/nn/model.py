@@ -18,6 +18,11 @@ Differences from per-layer spectral_norm, all deliberate:
   normalized on its own (the per-layer path, with the same train/eval rules);
 * how the work is laid out (``strategy``; the same function and gradient every way; each
   strategy is one class in :mod:`lipkern.nn.strategies`):
+  "mixed" (the default on the CPU for models with convs) -- one fused call without autograd
+  gives every sigma and vector; per layer and input shape, a layer whose output has at least
+  10x more elements than its weight divides its weight (sigma = u^T A(W) x recomputed
+  differentiably, :mod:`lipkern.nn.divided_weight`), any other scales its outputs as in
+  "scaled_outputs" (with a backward that is exact at second order);
   "fused_weights" (the default on CUDA with Triton) -- the one fused launch also writes
   every ``W / sigma`` (:func:`lipkern.fused_normalize`), each layer runs its own op on it,
   and one more launch returns every weight gradient: a model's normalization costs two
