@@ -6,8 +6,9 @@ from typing import Optional, Sequence
 
 import torch
 
-from .backends import resolve_backend
+from .backends import choose_backend
 from .layout import PowerIterState, initial_u, initial_x
+from .ops import grouped
 from .ops.normalize import normalize_op
 from .ops.power_iter import call_op
 from .reference import divide
@@ -21,7 +22,8 @@ def fused_power_iter(weights: Sequence[torch.Tensor],
                      state: Optional[PowerIterState] = None, n_iters: int = 5,
                      eps: float = 1e-12, tol: Optional[float] = None, backend: str = "auto",
                      generator: Optional[torch.Generator] = None,
-                     check_finite: bool = True, variant: str = "power") -> PowerIterResult:
+                     check_finite: bool = True, variant: str = "power",
+                     precision: str = "ieee") -> PowerIterResult:
     """Spectral norms of many layers at once, and the network's Lipschitz upper bound.
 
     Power iteration (see :mod:`lipkern.reference` for the exact math) on every layer in one
@@ -41,8 +43,12 @@ def fused_power_iter(weights: Sequence[torch.Tensor],
         eps: floor of every norm that divides.
         tol: if set, a layer stops once its estimate changes by <= tol (relative) between two
             iterations; decided inside the kernel, with no host synchronisation.
-        backend: "auto" | "triton" | "cuda" | "cpp" | "torch". An explicit backend that cannot
-            run here raises :class:`lipkern.BackendUnavailableError` (a ValueError).
+        backend: "auto" | "triton" | "cuda" | "cpp" | "grouped" | "torch". An explicit
+            backend that cannot run here raises :class:`lipkern.BackendUnavailableError` (a
+            ValueError). "grouped" runs every bucket of equal-geometry layers as one grouped
+            conv / batched matmul per phase (:mod:`lipkern.ops.grouped`); "auto" picks by
+            the committed measurements (:mod:`lipkern.evidence`; :func:`lipkern.explain`
+            says which backend a call takes and why).
         generator: seeds the cold-start vectors (drawn on the generator's device).
         check_finite: raise ValueError on NaN/Inf weights (one reduction and one host sync;
             pass False inside a tight training loop).
@@ -51,6 +57,16 @@ def fused_power_iter(weights: Sequence[torch.Tensor],
             ``u``), per iteration ``u = normalize(A x)``, ``x = normalize(A^T u)``, then
             ``sigma = u^T A x``; ``n_iters=0`` evaluates ``u0^T A x0`` (torch's eval mode).
             No ``tol``. Used by :mod:`lipkern.nn` to match per-layer spectral_norm exactly.
+        precision: "ieee" | "tf32x3" | "tf32", the conv products of the Triton v2 kernel
+            (opt-in: ``LIPKERN_TRITON_V2=1``; a precision other than "ieee" also selects it):
+            "tf32x3" three tf32 tensor-core products per step (fp32-level error), "tf32"
+            one, on operands rounded to nearest where they are produced (never raw fp32 into
+            a tf32 dot: that truncation biases sigma low); norms and sigma always come from
+            fp32 accumulators. GPU only: ignored (the result is "ieee") on CPU tensors, on
+            other backends and for layers v2 does not cover (they run v1, ieee). The default
+            stays "ieee" until a GPU run has measured the sigma error of each (predicted from
+            a CPU emulation: tf32x3 ~2e-7 median relative, tf32-rounded ~3e-6; see
+            bench/NOTES.md, issue 13): the default then becomes the fastest one within 1e-5.
 
     Returns:
         :class:`PowerIterResult` with ``sigmas`` (L,), ``lipschitz`` (), ``log_lipschitz`` ()
@@ -60,9 +76,22 @@ def fused_power_iter(weights: Sequence[torch.Tensor],
     weights, layout, chosen, x0, u0 = _prepare(weights, specs, state, n_iters, eps, tol,
                                                backend, generator, check_finite, variant)
     sigmas, lip, log_lip, x, u = call_op(
-        chosen, list(weights), x0, u0, list(layout.meta), n_iters, float(eps),
-        -1.0 if tol is None else float(tol))
+        _with_precision(chosen, precision, x0.device), list(weights), x0, u0,
+        list(layout.meta), n_iters, float(eps), -1.0 if tol is None else float(tol))
     return PowerIterResult(sigmas, lip, log_lip, PowerIterState(x, u, layout.meta))
+
+
+PRECISIONS = ("ieee", "tf32x3", "tf32")
+
+
+def _with_precision(backend: str, precision: str, device: torch.device) -> str:
+    """The op's backend string: "triton:<precision>" runs the v2 kernel in that precision
+    (GPU only); anything else ignores precision (documented in fused_power_iter)."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
+    if backend == "triton" and precision != "ieee" and device.type == "cuda":
+        return f"triton:{precision}"
+    return backend
 
 
 def fused_normalize(weights: Sequence[torch.Tensor],
@@ -87,12 +116,16 @@ def fused_normalize(weights: Sequence[torch.Tensor],
         A sigma of 0 gives inf/NaN entries, as ``W / sigma`` does in torch.
     """
     weights, layout, chosen, x0, u0 = _prepare(weights, specs, state, n_iters, eps, tol,
-                                               backend, generator, check_finite, variant)
+                                               backend, generator, check_finite, variant,
+                                               op="normalize")
     tol = -1.0 if tol is None else float(tol)
     if chosen != "triton":
         sigmas, _, _, x, u = call_op(chosen, list(weights), x0, u0, list(layout.meta), n_iters,
                                      float(eps), tol)
-        outs = [divide(w, s) for w, s in zip(weights, sigmas.unbind(0))]
+        if chosen == "grouped":  # one division per bucket, not per layer
+            outs = grouped.divide_weights(list(weights), sigmas, layout)
+        else:
+            outs = [divide(w, s) for w, s in zip(weights, sigmas.unbind(0))]
     else:
         sigmas, x, u, what = normalize_op(list(weights), x0, u0, list(layout.meta), n_iters,
                                           float(eps), tol)
@@ -103,13 +136,13 @@ def fused_normalize(weights: Sequence[torch.Tensor],
 
 
 def _prepare(weights, specs, state, n_iters, eps, tol, backend, generator, check_finite,
-             variant):
+             variant, op="power_iter"):
     """validate -> pack -> pick backend; the start vectors in the compute dtype."""
     weights, layout = validate_call(weights, specs, state, n_iters, eps, tol, backend,
                                     generator, check_finite and not torch.compiler.is_compiling(),
                                     variant)
     device, dtype = weights[0].device, weights[0].dtype
-    chosen = resolve_backend(backend, device, dtype)
+    chosen = choose_backend(backend, layout, device, dtype, op)
     cdtype = compute_dtype(dtype)
     x0 = state.x if state is not None else initial_x(layout, device, cdtype, generator)
     u0 = None

@@ -9,7 +9,7 @@ import torch
 from .layout import Layout, PowerIterState, layout_for, weight_shapes
 from .spec import ConvSpec
 
-BACKENDS = ("auto", "triton", "cuda", "cpp", "torch")
+BACKENDS = ("auto", "triton", "cuda", "cpp", "torch", "grouped")
 VARIANTS = ("power", "spectral_norm")
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 

@@ -31,6 +31,7 @@ from torch import Tensor
 from .. import reference
 from ..backends import load_ext
 from ..layout import Layout, check_op_inputs, layout_from_meta
+from . import grouped
 
 
 # ---------------------------------------------------------------- launchers
@@ -84,15 +85,28 @@ def _triton():
 
 
 def _forward_impl(backend, weights, x0, u0, layout, n_iters, eps, tol):
-    if backend == "triton":
+    if backend.startswith("triton"):  # "triton" or "triton:<precision>" (v2 only)
         weights = [w.contiguous() for w in weights]
+        if backend != "triton" or _triton_v2_requested():
+            from ..triton_kernels import v2_conv  # v2 where its plan covers a layer, else v1
+            return v2_conv.forward(weights, x0, u0, layout, n_iters, eps, tol,
+                                   backend.partition(":")[2] or "ieee")
         return _triton().forward(weights, x0, u0, layout, n_iters, eps, tol)
+    if backend == "grouped":
+        return grouped.forward(weights, x0, u0, layout, n_iters, eps, tol)
     return _torch_forward(weights, x0, u0, layout, n_iters, eps, tol)
 
 
+def _triton_v2_requested() -> bool:
+    from ..triton_kernels.v2_plan import v2_requested
+    return v2_requested()
+
+
 def _backward_impl(backend, x, u, sigmas, gs, gl, glog, layout, wdtype):
-    if backend == "triton":
+    if backend.startswith("triton"):  # the v1 backward reads any forward's x and u
         return _triton().backward(x, u, sigmas, gs, gl, glog, layout, wdtype)
+    if backend == "grouped":
+        return grouped.backward(x, u, sigma_coefficients(sigmas, gs, gl, glog), layout, wdtype)
     return _torch_backward(x, u, sigmas, gs, gl, glog, layout, wdtype)
 
 
