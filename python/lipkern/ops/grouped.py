@@ -17,8 +17,10 @@ registered op ``lipkern::power_iter`` (:mod:`lipkern.ops.power_iter` dispatches 
   (``torch.nn.grad.conv2d_weight``) for convs, one batched outer product for matrices;
 * ``tol`` is decided per layer on the device (a mask, ``torch.where``): no host sync.
 
-The math is :func:`lipkern.reference.iterate_layer` (the spec and test oracle); this module
-only batches it. Vectors are gathered from / scattered to the packed state in *runs* (maximal
+The math is :func:`lipkern.reference.iterate_layer` (the spec and test oracle), numeric
+contract N1-N5 included (per-layer image floors from one max-reduction per bucket, half-step
+normalization, float64 sums of squares, the fallback start vector); this module only batches
+it, with every per-layer decision taken on the device. Vectors are gathered from / scattered to the packed state in *runs* (maximal
 sequences of consecutive layers in one bucket): one ``split`` and one ``cat`` per call and
 direction instead of a slice per layer, and no copy at all when a call is a single bucket.
 """
