@@ -6,6 +6,10 @@
 #
 #   bash bench/gpu_session.sh [stage ...]     stages: env build test sanitize bench sn
 #                                             (default: all, in that order)
+#   bash bench/gpu_session.sh env build i14   issue 14's done criteria in one call (< 8 min
+#                                             on an H100/H200 with the build): grouped and
+#                                             graph tests, toy/mlp tables with lipkern_grouped
+#                                             and device time, --graph, the captured MLP step
 # On a machine without registry access (the lent GPU machines), torch/triton/pytest must be
 # there already: the install uses --no-build-isolation --no-deps.
 set -u
@@ -55,6 +59,26 @@ print(\"torch\", torch.__version__, \"cuda\", torch.version.cuda, \"triton\", tr
     sn)
       stage bench_sn 300 $PY bench/bench_spectral_norm.py --no-deel --reps 30 --warmup 5 \
         --out "$OUT/spectral_norm.jsonl" ;;
+    i14)
+      # issue 14: grouped on CUDA vs the reference, host syncs, graph capture/replay, compile
+      stage i14_test 240 $PY -m pytest -q -p no:cacheprovider tests/test_graphs.py \
+        tests/test_grouped.py tests/test_power_iter.py tests/test_normalize.py \
+        -k "graphs or (grouped and cuda)"
+      # done criteria: lipkern_grouped fwd+bwd >= 2x the user's grouped conv on the toy net;
+      # a kernel faster than grouped; device time beside wall time; the same under --graph
+      stage i14_bench_toy 120 $PY bench/bench_power_iter.py --workload toy --reps 20 \
+        --warmup 3 --providers naive,grouped,grouped_compile,lipkern_grouped,lipkern_triton,lipkern_cuda \
+        --out "$OUT/power_iter.jsonl"
+      stage i14_bench_toy_graph 90 $PY bench/bench_power_iter.py --workload toy --reps 20 \
+        --warmup 3 --graph --providers naive,grouped,lipkern_grouped,lipkern_triton \
+        --out "$OUT/power_iter.jsonl"
+      stage i14_bench_mlp 90 $PY bench/bench_power_iter.py --workload mlp --reps 20 \
+        --warmup 3 --providers naive,grouped,lipkern_grouped,lipkern_triton,lipkern_cuda \
+        --out "$OUT/power_iter.jsonl"
+      # the captured spectral_norm_model MLP step: overhead <= 1/10 of torch's in the same run
+      stage i14_sn_graph 120 $PY bench/bench_spectral_norm.py --workload mlp --no-deel \
+        --reps 30 --warmup 5 --graph --out "$OUT/spectral_norm.jsonl"
+      stage i14_host 60 $PY bench/bench_host_time.py --device cuda --reps 100 ;;
     *) echo "unknown stage $s" ;;
   esac
 done

@@ -80,3 +80,11 @@ def test_graph_mode_needs_a_gpu(capsys):
         pytest.skip("a GPU is here: --graph runs (bench/gpu_session.sh times it)")
     assert bench_power_iter.main(["--graph", "--quick", "--no-save"]) is None
     assert "needs a CUDA device" in capsys.readouterr().err
+
+
+def test_host_time_bench_runs(capsys):
+    import bench_host_time
+    assert bench_host_time.main(["--layers", "3", "--width", "4", "--reps", "2", "--only",
+                                 "call_grouped_fb,normalize_grouped_fb,model_plain_step"]) == 0
+    out = capsys.readouterr().out
+    assert "| call_grouped_fb |" in out and "| model_plain_step |" in out

@@ -19,7 +19,7 @@ KINDS = [((7, 5), None),                                               # dense
          ((4, 3, 3, 3), lipkern.ConvSpec((5, 4), padding=1)),          # conv operator
          ((3, 2, 3, 3), lipkern.ConvSpec(3, stride=2, padding=1, transposed=True,
                                          output_padding=1))]           # transposed conv
-BACKENDS = ["torch", "cpp", "triton"]
+BACKENDS = ["torch", "cpp", "triton", "grouped"]
 SCALES32 = [1e-30, 3e-7, 1.0, 1.9e12, 1e30]
 SCALES64 = [1e-150, 1e-30, 1e30, 1e150]
 

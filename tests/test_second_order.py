@@ -37,7 +37,7 @@ def _fixed_state(ws, specs, dtype):
 
 
 @pytest.mark.parametrize("fn", ["power_iter", "normalize"])
-@pytest.mark.parametrize("backend", ["torch", "cpp"])
+@pytest.mark.parametrize("backend", ["torch", "cpp", "grouped"])
 def test_gradgradcheck_float64(backend, fn):
     _skip_unavailable(backend, torch.float64)
     ws, specs = make_weights(ENTRIES, torch.float64, seed=8)
@@ -73,7 +73,7 @@ def _second_order(fn, ws, specs, probes, **kw):
 
 @pytest.mark.parametrize("fn", ["power_iter", "normalize"])
 @pytest.mark.parametrize("variant", ["power", "spectral_norm"])
-@pytest.mark.parametrize("backend", ["torch", "cpp", "triton"])
+@pytest.mark.parametrize("backend", ["torch", "cpp", "triton", "grouped"])
 def test_second_order_matches_reference(backend, variant, fn):
     _skip_unavailable(backend)
     entries = MIXED[:2] + MIXED[3:5] + MIXED[8:9]  # dense, reshaped, conv, transposed conv
