@@ -32,6 +32,46 @@ def sigma_of(geom, w: torch.Tensor, u: torch.Tensor, x: torch.Tensor,
     return torch.dot(u, apply_op(geom, wc, x[None])[0])
 
 
+class SigmaFromVectors(torch.autograd.Function):
+    """``sigma = u^T A(W) x`` without recomputing it: the forward returns the fused call's
+    value, the backward ``g * dsigma/dW`` with ``dsigma/dW = grad_fn()`` (``u x^T`` for a
+    matrix, the conv weight gradient of (x, u) for an operator) -- constant in W, since u and
+    x are, so this backward is exact at every order (its own derivative in W is zero, in g
+    the constant). Saves the forward's weight pass (matrix) or one-sample conv (operator) of
+    :func:`sigma_of`. Inputs: w (any shape, for its gradient), sigma 0-d, grad_fn () -> a
+    tensor shaped like w."""
+
+    @staticmethod
+    def forward(ctx, w, sigma, grad_fn):
+        ctx.grad_fn = grad_fn
+        return sigma.detach().to(compute_dtype(w.dtype)).clone()
+
+    @staticmethod
+    def backward(ctx, g):
+        d = ctx.grad_fn()
+        return (g.to(d.dtype) * d).to(d.dtype), None, None
+
+
+def sigma_fast(geom, w: torch.Tensor, sigma: torch.Tensor, u: torch.Tensor, x: torch.Tensor,
+               matrix: bool, dim: int) -> torch.Tensor:
+    """:func:`sigma_of`'s value and gradients from the fused call's sigma and vectors: ``w``
+    the layer's own weight (``dim``: torch's output dimension, moved first for the
+    operator's layout)."""
+    from ..reference import weight_grad
+
+    def grad_fn():
+        cd = compute_dtype(w.dtype)
+        uu, xx = u.detach().to(cd), x.detach().to(cd)
+        if matrix:
+            d = torch.outer(uu, xx)
+        else:
+            d = weight_grad(geom, xx, uu)
+        shape = w.shape if dim == 0 else w.movedim(dim, 0).shape
+        d = d.view(shape)
+        return (d if dim == 0 else d.movedim(0, dim)).to(w.dtype)
+    return SigmaFromVectors.apply(w, sigma, grad_fn)
+
+
 def scale_of(sigma: torch.Tensor, coeff: Optional[float]) -> torch.Tensor:
     """The divisor: ``sigma``, or ``max(sigma / coeff, 1)`` (``W * min(1, coeff / sigma)``:
     gradient through sigma only where sigma > coeff; below, the layer is its own weight)."""

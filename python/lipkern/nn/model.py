@@ -150,6 +150,7 @@ class SpectralNormGroup:
         self.fast = [c is not False for c in self.conv_args]
         self.strategies = make_strategies()
         self.active: Optional[Strategy] = None  # the strategy of the forward in progress
+        self.input_grad = False  # this forward's model input requires grad
         self.calls = 0  # fused calls made (for tests and curious users)
 
     # ------------------------------------------------------------ the layers
@@ -288,6 +289,10 @@ class SpectralNormGroup:
 
     # ------------------------------------------------------------ hooks (picklable)
     def pre_hook(self, module, args):
+        # a forward whose input wants a gradient (gradient penalty, R1, attacks) is likely
+        # to be differentiated twice: strategy "mixed" then divides every layer's weight
+        self.input_grad = torch.is_grad_enabled() and any(
+            isinstance(a, torch.Tensor) and a.requires_grad for a in args)
         self.begin_forward()
 
     def post_hook(self, module, args, output):

@@ -29,7 +29,7 @@ from ..backends import load_ext, resolve_backend
 from ..layout import PowerIterState
 from ..ops import sn_linear as _sn_linear  # noqa: F401  (registers lipkern::sn_linear's fakes)
 from ..power_iter import fused_normalize
-from .divided_weight import ScaledLayerExact, divided, scale_of, sigma_of
+from .divided_weight import ScaledLayerExact, divided, scale_of, sigma_fast, sigma_of
 from .parametrization import _TRANSPOSED, _in_vmap
 from .scaled_layer import ScaledLayer, dense_rank1, operator_rank1
 
@@ -195,7 +195,7 @@ class ScaledOutputs(Strategy):
 # where "mixed" scales a layer's outputs rather than dividing its weight: output elements per
 # step below this many times the weight's elements (see the rule in Mixed's docstring and
 # bench/NOTES.md, "Issue 16")
-SCALE_OUTPUTS_BELOW = 10.0
+SCALE_OUTPUTS_BELOW = 1.0
 
 
 class Mixed(ScaledOutputs):
@@ -241,7 +241,11 @@ class Mixed(ScaledOutputs):
         return self
 
     def scales(self, group, i, x) -> bool:
-        """Whether layer i scales its outputs for inputs shaped like ``x``."""
+        """Whether layer i scales its outputs for inputs shaped like ``x`` (never in a forward
+        whose model input requires grad: a gradient penalty's second backward would
+        recompute every scaled layer, measured +50-90% on SNGAN's GP step, bench/NOTES.md)."""
+        if group.__dict__.get("input_grad"):
+            return False
         if torch.compiler.is_compiling():  # a pure function of shapes: no dict to guard on
             return self.rule(group, i, x)
         key = (i, tuple(x.shape))
@@ -272,8 +276,9 @@ class Mixed(ScaledOutputs):
     def weight(self, group, i, w):
         cur = self.cur
         with torch.autocast(w.device.type, enabled=False):
-            sigma = sigma_of(group.layout.geoms[i], group.op_weight(i, w), cur.u_list[i],
-                             cur.x_list[i], group.specs[i] is None)
+            # the fused call's sigma, with the gradient of u^T A(W) x (nothing recomputed)
+            sigma = sigma_fast(group.layout.geoms[i], w, cur.sigma_list[i], cur.u_list[i],
+                               cur.x_list[i], group.specs[i] is None, group.dims[i])
             return divided(w, scale_of(sigma, group.coeff))
 
 
