@@ -158,7 +158,11 @@ class ScaledOutputs(Strategy):
         conv = group.conv_args[i] if self.scaled_ok else False
         if conv is False:
             return base_forward(module, x)  # weight(): W / the fused call's sigma
-        return self.scaled_forward(group, i, module, x, conv)
+        # exact second order in eager (gradient penalties); a compiled graph's backward
+        # refuses double backward itself (AOTAutograd), and dynamo cannot trace one
+        # Function's backward calling another's
+        return self.scaled_forward(group, i, module, x, conv,
+                                   exact=not torch.compiler.is_compiling())
 
     def scaled_forward(self, group, i, module, x, conv, exact=False):
         """``layer(x; W) / s + b`` with s = sigma (or ``max(sigma / coeff, 1)``); ``exact``:
@@ -261,9 +265,6 @@ class Mixed(ScaledOutputs):
     def layer_forward(self, group, i, module, x):
         conv = group.conv_args[i] if self.scaled_ok else False
         if conv is not False and self.scales(group, i, x):
-            # exact second order in eager; a compiled graph's backward refuses double
-            # backward itself (AOTAutograd), and dynamo cannot trace one Function's backward
-            # calling another's
             return self.scaled_forward(group, i, module, x, conv,
                                        exact=not torch.compiler.is_compiling())
         w = self.weight(group, i, module.parametrizations.weight.original)
