@@ -1,16 +1,16 @@
-"""A normalized weight from a fused call's vectors: ``W / sigma`` with ``sigma = u^T A(W) x``
-recomputed differentiably from the (constant) vectors u, x of that call.
+"""A normalized weight from a fused call's sigma and vectors: ``W / sigma`` with the gradient
+of ``sigma = u^T A(W) x`` for the (constant) vectors u, x of that call.
 
 The fused call then runs without autograd; the layers that divide their weight
-(strategy "mixed") take spectral_norm's gradient from plain autograd through
-``sigma = u^T A(W) x`` -- one matrix-vector product (or a one-sample conv, operator mode)
-per layer, at the size of the weight, not of the activations -- and so every order of
-derivative is exact (DESIGN.md: the same implicit rule at every order; gradient penalties
-differentiate through it again). ``coeff`` gives the soft normalization of invertible
+(strategy "mixed") take spectral_norm's gradient from :class:`SigmaFromVectors` (the call's
+value, the gradient ``dsigma/dW`` from u and x: weight-sized, not activation-sized work;
+:func:`sigma_of` is the same sigma recomputed by plain autograd, used by ScaledLayerExact),
+and so every order of derivative is exact (DESIGN.md: the same implicit rule at every order;
+gradient penalties differentiate through it again). ``coeff`` gives the soft normalization of invertible
 ResNets / DUE, ``W * min(1, coeff / sigma)``.
 
-Shapes: ``w`` the layer's weight as the fused op reads it (``dim`` first; (out, in) or a
-4-D kernel), ``u`` (y_numel,), ``x`` (x_numel,) in the compute dtype; returns 0-d.
+Shapes (sigma_of): ``w`` the layer's weight as the fused op reads it (``dim`` first; (out, in)
+or a 4-D kernel), ``u`` (y_numel,), ``x`` (x_numel,); returns 0-d in the compute dtype.
 """
 from __future__ import annotations
 

@@ -264,7 +264,8 @@ def spectral_norm(module: nn.Module, name: str = "weight", n_power_iterations: i
     ``input_size`` (spatial size (H, W) of the module's input, or (C, H, W) as DUE passes
     it, C checked; taken from the first forward when None). Before that first forward the
     layer can load a state_dict (its vectors take the checkpoint's size). ``coeff``: soft
-    normalization as in invertible ResNets / DUE, ``W * min(1, coeff / sigma)``. Returns the module. Remove with ``torch.nn.utils.parametrize.remove_parametrizations``.
+    normalization as in invertible ResNets / DUE, ``W * min(1, coeff / sigma)``. Returns the
+    module. Remove with ``torch.nn.utils.parametrize.remove_parametrizations``.
     """
     weight = getattr(module, name, None)
     if not isinstance(weight, torch.Tensor):

@@ -206,8 +206,8 @@ class Mixed(ScaledOutputs):
     """Per layer, the cheaper of the two ways to use one fused call's sigmas (the call itself
     without autograd):
 
-    * divide the weight -- ``W / sigma`` with ``sigma = u^T A(W) x`` recomputed from the
-      call's vectors (:mod:`lipkern.nn.divided_weight`), the layer's own op on it: O(weight)
+    * divide the weight -- ``W / sigma``, the call's sigma with the gradient of
+      ``u^T A(W) x`` (:mod:`lipkern.nn.divided_weight`), the layer's own op on it: O(weight)
       extra work per step, a few weight-sized passes;
     * scale the outputs -- ``layer(x; W) / sigma + b`` (ScaledLayer): O(output) extra work,
       a few passes over the activations (and one more activation kept for the backward).
@@ -350,8 +350,8 @@ class Inline(Strategy):
     (:mod:`lipkern.ops.sn_linear`) whose power iteration rides in its own matmul and whose
     sigma gradient rides in its weight-gradient GEMM. Linear layers in matrix mode, CPU,
     float32/float64 outside autocast, no ``coeff``, the compiled extension built (else that
-    forward runs "scaled_outputs"). ``strategy="auto"`` picks it for Linear-only models on the CPU with
-    backend "auto" or "cpp"."""
+    forward runs "scaled_outputs"). ``strategy="auto"`` picks it for Linear-only models on the
+    CPU with backend "auto" or "cpp"."""
 
     name = "inline"
 
