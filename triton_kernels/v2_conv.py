@@ -113,8 +113,9 @@ def _epilogue(acc, dst_ptrs, mask, scale, dot_ptrs, DOT, ROUND: tl.constexpr):
 def _c_tile(src, dst, wc, pt, nt, scale, DOT, GEOM: tl.constexpr, PREC: tl.constexpr,
             ROUND: tl.constexpr):
     """dst[tile] = scale * (C src)[pixels pt, out channels nt] (HWC, padded channels).
-    M = output pixels, N = output channels, K = (tap, input-channel chunk); the tap loop is
-    unrolled with constexpr offsets (no div/mod in the inner loop)."""
+    M = output pixels, N = output channels, K = (tap, input-channel chunk) flattened into one
+    loop of constexpr trip count (one software pipeline; the tap's offsets come from
+    divisions by constexprs, a few integer ops per 64x64x32 step)."""
     CIN: tl.constexpr = GEOM[1]
     H: tl.constexpr = GEOM[2]
     W: tl.constexpr = GEOM[3]
@@ -134,6 +135,7 @@ def _c_tile(src, dst, wc, pt, nt, scale, DOT, GEOM: tl.constexpr, PREC: tl.const
     BP: tl.constexpr = GEOM[18]
     BN: tl.constexpr = GEOM[20]
     BK: tl.constexpr = GEOM[21]
+    NKB: tl.constexpr = CINP // BK
     p = pt * BP + tl.arange(0, BP)
     pm = p < OH * OW
     oh = p // OW
@@ -141,7 +143,9 @@ def _c_tile(src, dst, wc, pt, nt, scale, DOT, GEOM: tl.constexpr, PREC: tl.const
     n = nt * BN + tl.arange(0, BN)
     kk = tl.arange(0, BK)
     acc = tl.zeros([BP, BN], tl.float32)
-    for tap in tl.static_range(KH * KW):
+    for t in range(KH * KW * NKB):
+        tap = t // NKB
+        c0 = (t % NKB) * BK
         ih = oh * SH + ((tap // KW) * DH - PH)
         iw = ow * SW + ((tap % KW) * DW - PW)
         if CIRC:
@@ -150,12 +154,10 @@ def _c_tile(src, dst, wc, pt, nt, scale, DOT, GEOM: tl.constexpr, PREC: tl.const
             iw = _wrap(iw, W)
         else:
             ok = pm & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
-        a_rows = src + (ih * W + iw) * CINP
-        b_cols = wc + (tap * COUTP + n) * CINP
-        for c0 in range(0, CINP, BK):
-            a = tl.load(a_rows[:, None] + (c0 + kk)[None, :], mask=ok[:, None], other=0.0)
-            b = tl.load(b_cols[None, :] + (c0 + kk)[:, None])
-            acc = tl.dot(a, b, acc, input_precision=PREC)
+        a = tl.load(src + (ih * W + iw)[:, None] * CINP + (c0 + kk)[None, :],
+                    mask=ok[:, None], other=0.0)
+        b = tl.load(wc + (tap * COUTP + n)[None, :] * CINP + (c0 + kk)[:, None])
+        acc = tl.dot(a, b, acc, input_precision=PREC)
     offs = p[:, None] * COUTP + n[None, :]
     mask = pm[:, None] & (n < COUTP)[None, :]
     return _epilogue(acc, dst + offs, mask, scale, dst + offs, DOT, ROUND)
@@ -165,15 +167,15 @@ def _c_tile(src, dst, wc, pt, nt, scale, DOT, GEOM: tl.constexpr, PREC: tl.const
 def _ct_tile(src, dst, wt, pt, nt, scale, DOT, RH: tl.constexpr, RW: tl.constexpr,
              GEOM: tl.constexpr, PREC: tl.constexpr, ROUND: tl.constexpr):
     """dst[tile] = scale * (C^T src) on the input pixels of parity class (RH, RW)
-    (ih = RH + SH*i, iw = RW + SW*j): in one class the taps that reach a pixel are a
-    constexpr subset, and oh = i + (RH + PH - kh*DH) / SH exactly -- a sub-pixel conv, no
-    zero insertion and no div/mod in the inner loop. M = class pixels, N = input channels,
-    K = (tap, output-channel chunk); Wt[tap][ci][co]."""
+    (ih = RH + SH*i, iw = RW + SW*j). In one class the taps that reach a pixel form an
+    arithmetic progression (kh = KH0 + KSH*a, a < NKH: from the plan, v2_plan.tap_progression)
+    and oh = i + (RH + PH - kh*DH) / SH exactly: a sub-pixel conv, no zero insertion, no
+    parity test in the inner loop. M = class pixels, N = input channels, K = (tap,
+    output-channel chunk) in one flattened loop; Wt[tap][ci][co]."""
     H: tl.constexpr = GEOM[2]
     W: tl.constexpr = GEOM[3]
     OH: tl.constexpr = GEOM[5]
     OW: tl.constexpr = GEOM[6]
-    KH: tl.constexpr = GEOM[7]
     KW: tl.constexpr = GEOM[8]
     SH: tl.constexpr = GEOM[9]
     SW: tl.constexpr = GEOM[10]
@@ -187,6 +189,13 @@ def _ct_tile(src, dst, wt, pt, nt, scale, DOT, RH: tl.constexpr, RW: tl.constexp
     BP: tl.constexpr = GEOM[18]
     BN: tl.constexpr = GEOM[19]
     BK: tl.constexpr = GEOM[22]
+    KH0: tl.constexpr = GEOM[23 + 3 * RH]
+    KSH: tl.constexpr = GEOM[24 + 3 * RH]
+    NKH: tl.constexpr = GEOM[25 + 3 * RH]
+    KW0: tl.constexpr = GEOM[29 + 3 * RW]
+    KSW: tl.constexpr = GEOM[30 + 3 * RW]
+    NKW: tl.constexpr = GEOM[31 + 3 * RW]
+    NKB: tl.constexpr = COUTP // BK
     NI: tl.constexpr = (H - RH + SH - 1) // SH
     NJ: tl.constexpr = (W - RW + SW - 1) // SW
     q = pt * BP + tl.arange(0, BP)
@@ -196,26 +205,25 @@ def _ct_tile(src, dst, wt, pt, nt, scale, DOT, RH: tl.constexpr, RW: tl.constexp
     n = nt * BN + tl.arange(0, BN)
     kk = tl.arange(0, BK)
     acc = tl.zeros([BP, BN], tl.float32)
-    for tap in tl.static_range(KH * KW):
-        DH0: tl.constexpr = RH + PH - (tap // KW) * DH   # = SH * (oh - i) when the tap hits
-        DW0: tl.constexpr = RW + PW - (tap % KW) * DW
-        if DH0 % SH == 0:
-            if DW0 % SW == 0:
-                oh = i + DH0 // SH
-                ow = j + DW0 // SW
-                if CIRC:  # stride 1, OH == H (the plan's condition)
-                    ok = qm
-                    oh = _wrap(oh, OH)
-                    ow = _wrap(ow, OW)
-                else:
-                    ok = qm & (oh >= 0) & (oh < OH) & (ow >= 0) & (ow < OW)
-                a_rows = src + (oh * OW + ow) * COUTP
-                b_cols = wt + (tap * CINP + n) * COUTP
-                for c0 in range(0, COUTP, BK):
-                    a = tl.load(a_rows[:, None] + (c0 + kk)[None, :], mask=ok[:, None],
-                                other=0.0)
-                    b = tl.load(b_cols[None, :] + (c0 + kk)[:, None])
-                    acc = tl.dot(a, b, acc, input_precision=PREC)
+    for t in range(NKH * NKW * NKB):
+        a_ = t // NKB
+        c0 = (t % NKB) * BK
+        kh = KH0 + (a_ // NKW) * KSH
+        kw = KW0 + (a_ % NKW) * KSW
+        # exact divisions (the progression makes the numerators multiples of SH, SW), so
+        # truncation and floor agree for negative numerators
+        oh = i + (RH + PH - kh * DH) // SH
+        ow = j + (RW + PW - kw * DW) // SW
+        if CIRC:  # stride 1, OH == H (the plan's condition)
+            ok = qm
+            oh = _wrap(oh, OH)
+            ow = _wrap(ow, OW)
+        else:
+            ok = qm & (oh >= 0) & (oh < OH) & (ow >= 0) & (ow < OW)
+        a = tl.load(src + (oh * OW + ow)[:, None] * COUTP + (c0 + kk)[None, :],
+                    mask=ok[:, None], other=0.0)
+        b = tl.load(wt + ((kh * KW + kw) * CINP + n)[None, :] * COUTP + (c0 + kk)[:, None])
+        acc = tl.dot(a, b, acc, input_precision=PREC)
     ih = RH + SH * i
     iw = RW + SW * j
     offs = (ih * W + iw)[:, None] * CINP + n[None, :]
@@ -260,14 +268,14 @@ def _ct_phase(src, dst, wt, g, G, scale, DOT, GEOM: tl.constexpr, PREC: tl.const
     base = g * 0
     for rh in tl.static_range(SH):
         for rw in tl.static_range(SW):
-            NQ: tl.constexpr = ((H - rh + SH - 1) // SH) * ((W - rw + SW - 1) // SW)
-            NT: tl.constexpr = ((NQ + BP - 1) // BP) * NNT
+            nq = ((H - rh + SH - 1) // SH) * ((W - rw + SW - 1) // SW)  # constexpr
+            n_t = ((nq + BP - 1) // BP) * NNT
             t = (g + G - base % G) % G
-            while t < NT:
+            while t < n_t:
                 r += _ct_tile(src, dst, wt, t // NNT, t % NNT, scale, DOT, rh, rw, GEOM, PREC,
                               ROUND)
                 t += G
-            base += NT
+            base += n_t
     return r
 
 
@@ -421,10 +429,12 @@ def _layer_steps(l, g, row, w_ptr, x0_ptr, u0_ptr, x_ptr, u_ptr, xs_ptr, ys_ptr,
     G = tl.load(row + LT_G).to(tl.int32)
     x_off = tl.load(row + LT_XOFF)
     y_off = tl.load(row + LT_YOFF)
-    xs = xs_ptr + tl.load(row + LT_XS)
-    ys = ys_ptr + tl.load(row + LT_YS)
-    wc = wc_ptr + tl.load(row + LT_WP)
-    wt = wt_ptr + tl.load(row + LT_WP)
+    # scratch offsets are multiples of 16 elements (channels padded to 16, V2Tables): said
+    # here, the compiler can issue 16-byte cp.async for the tiles (4-byte copies otherwise)
+    xs = xs_ptr + tl.multiple_of(tl.load(row + LT_XS), 16)
+    ys = ys_ptr + tl.multiple_of(tl.load(row + LT_YS), 16)
+    wc = wc_ptr + tl.multiple_of(tl.load(row + LT_WP), 16)
+    wt = wt_ptr + tl.multiple_of(tl.load(row + LT_WP), 16)
     part = part_ptr + tl.load(row + LT_PART)
     bar = ctl_ptr + CTL_BASE + 2 * l
     done_ptr = ctl_ptr + CTL_BASE + 2 * l + 1
@@ -443,50 +453,46 @@ def _layer_steps(l, g, row, w_ptr, x0_ptr, u0_ptr, x_ptr, u_ptr, xs_ptr, ys_ptr,
                 # ||u0||^2 of eval mode in the slot of step 3, which a 3-step call never writes
                 tl.store(part + 3 * GMAX + g, ssu)
         elif tl.load(done_ptr, volatile=True) == 0:
-            if s == n_steps - 1:
+            # Each phase body is inlined ONCE per class (one _finalize, one C, one C^T call
+            # site): with a call site per case the 11-class ResNet-18 kernel took 190 s to
+            # compile for sm_90 here.
+            last = s == n_steps - 1
+            adj = (s % 2) == 0                   # AT phase (even steps)
+            eval_dot = (n_iters == 0) & SN_VARIANT  # spectral_norm eval: <xs, A^T ys>
+            adj = adj | eval_dot
+            n1 = tl.sqrt(_sum_parts(p1, G, GMAX))   # ||output of step s-1||
+            n2 = tl.sqrt(_sum_parts(p2, G, GMAX))
+            # tol (power variant): iteration k = s/2 - 1 > 0 compares ||A x|| of steps s-1
+            # and s-3; on a stop ys = A x for the x kept: finalize now, idle to the end
+            stop = adj & (tol >= 0) & (s >= 4) & (not SN_VARIANT)
+            if stop:
+                stop = tl.abs(n1 - tl.sqrt(_sum_parts(p3, G, GMAX))) <= tol * n1
+            if last | stop:
                 if SN_VARIANT:
                     sigma, inv_x, inv_u = _sn_result(p1, p2, part + 3 * GMAX, G, n_iters, eps,
                                                      GMAX)
                 else:
-                    sigma = tl.sqrt(_sum_parts(p1, G, GMAX))
-                    inv_u = 1.0 / tl.maximum(sigma, eps)
-                    inv_x = 1.0 / tl.maximum(tl.sqrt(_sum_parts(p2, G, GMAX)), eps)
+                    sigma = n1
+                    inv_u = 1.0 / tl.maximum(n1, eps)
+                    inv_x = 1.0 / tl.maximum(n2, eps)
                 _finalize(xs, ys, x_ptr + x_off, u_ptr + y_off, sig_ptr + l, sigma, inv_x,
                           inv_u, g, G, GEOM, BLOCK_E)
-            elif s % 2 == 1:
-                if SN_VARIANT:
-                    if n_iters == 0:  # eval mode: <xs, A^T ys>, nothing stored
-                        r = _apply(ys, xs, wc, wt, g, G, 1.0, 1, True, GEOM, PREC, ROUND)
-                    else:
-                        r = _apply(xs, ys, wc, wt, g, G,
-                                   1.0 / tl.maximum(tl.sqrt(_sum_parts(p1, G, GMAX)), eps), 0,
-                                   False, GEOM, PREC, ROUND)
-                else:
-                    r = _apply(xs, ys, wc, wt, g, G,
-                               1.0 / tl.maximum(tl.sqrt(_sum_parts(p1, G, GMAX)), eps), 0,
-                               False, GEOM, PREC, ROUND)
-                tl.store(cur + g, r)
+                if stop & (g == 0):
+                    tl.store(done_ptr, 1)
             else:
-                sk = tl.sqrt(_sum_parts(p1, G, GMAX))
-                if SN_VARIANT:
-                    r = _apply(ys, xs, wc, wt, g, G, 1.0 / tl.maximum(sk, eps), 0, True, GEOM,
+                # A phase: ys = A xs / max(||xs||, eps). AT phase: xs = A^T ys, scaled by
+                # 1/max(||ys||, eps) in the spectral_norm variant (u = normalize(A x))
+                scale = 1.0 / tl.maximum(n1, eps)
+                if adj:
+                    if not SN_VARIANT:
+                        scale = 1.0
+                    if eval_dot:
+                        scale = 1.0
+                    r = _apply(ys, xs, wc, wt, g, G, scale, eval_dot.to(tl.int32), True, GEOM,
                                PREC, ROUND)
-                    tl.store(cur + g, r)
                 else:
-                    # tol: iteration k = s/2 - 1 > 0 compares ||A x|| of steps s-1 and s-3
-                    stop = (tol >= 0) & (s >= 4)
-                    if stop:
-                        stop = tl.abs(sk - tl.sqrt(_sum_parts(p3, G, GMAX))) <= tol * sk
-                    if stop:
-                        # ys = A x for the x kept: finalize now, then idle to the end
-                        _finalize(xs, ys, x_ptr + x_off, u_ptr + y_off, sig_ptr + l, sk,
-                                  1.0 / tl.maximum(tl.sqrt(_sum_parts(p2, G, GMAX)), eps),
-                                  1.0 / tl.maximum(sk, eps), g, G, GEOM, BLOCK_E)
-                        if g == 0:
-                            tl.store(done_ptr, 1)
-                    else:
-                        r = _apply(ys, xs, wc, wt, g, G, 1.0, 0, True, GEOM, PREC, ROUND)
-                        tl.store(cur + g, r)
+                    r = _apply(xs, ys, wc, wt, g, G, scale, 0, False, GEOM, PREC, ROUND)
+                tl.store(cur + g, r)
         if USE_BARRIER:
             if s < n_steps - 1:
                 n_bar += 1
@@ -570,6 +576,7 @@ class V2Tables:
             ys += nys
             wp += c.KH * c.KW * c.CINP * c.COUTP
             part += 4 * gmax
+        assert all(v % 16 == 0 for r in lt for v in r[4:7]), "scratch offsets (multiple_of)"
         self.lt = torch.tensor(lt, dtype=torch.int64).to(device)
         self.prog = torch.tensor(prog, dtype=torch.int32).to(device)
         self.n_programs = len(prog) // 2
@@ -632,8 +639,11 @@ def forward(weights, x0, u0, layout, n_iters: int, eps: float, tol: float,
     xs_n, ys_n, wp_n, part_n = tab.sizes
     xs, ys = torch.empty(xs_n, **f32), torch.empty(ys_n, **f32)
     wc, wt = torch.empty(wp_n, **f32), torch.empty(wp_n, **f32)
-    part = torch.empty(part_n, **f32)
-    ctl = torch.zeros(2 + 2 * tab.n_layers, dtype=torch.int32, device=device)
+    # control words and partials in one zero-filled buffer (one memset per call): the first
+    # steps read ring slots no step has written yet (unused, but never uninitialized memory)
+    n_ctl = 2 + 2 * tab.n_layers
+    zero = torch.zeros(n_ctl + part_n, dtype=torch.int32, device=device)
+    ctl, part = zero[:n_ctl], zero[n_ctl:].view(torch.float32)
     x, u = v1._empty(layout.total_x, **f32), v1._empty(layout.total_y, **f32)
     sig = v1._empty(tab.n_layers, **f32)
     lip, loglip = v1._empty((), **f32), v1._empty((), **f32)
