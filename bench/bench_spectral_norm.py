@@ -1,6 +1,8 @@
 """Spectral normalization per training step: what a user pays for it, side by side.
 
     python bench/bench_spectral_norm.py [--workload mlp|critic|all] [--batch N] [--reps N]
+    python bench/bench_spectral_norm.py --workload convnets   (issue 16: four conv nets, D
+        steps, gradient-penalty steps, matrix and operator mode; see bench_convnets.py)
 
 Providers (same model weights, same inputs, same run, round-robin timed):
   plain       the unnormalized model
@@ -41,6 +43,7 @@ import torch.nn as nn
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import lipkern  # noqa: E402
 from bench_power_iter import device_name, versions  # noqa: E402
+import bench_convnets  # noqa: E402
 
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results",
                        "spectral_norm.jsonl")
@@ -172,10 +175,7 @@ def measure(workload, batch, reps, warmup, include_deel=True, device="cpu"):
 
 def resolved_strategy(model):
     """What spectral_norm_model's strategy="auto" runs for this model's weights."""
-    group = model._lipkern_spectral_norm
-    w = group.originals()[0]
-    return "inline" if group.inline(w) else \
-        "fused_weights" if group.fused_weights(w) else "scaled_outputs"
+    return model._lipkern_spectral_norm.resolved_strategy()
 
 
 def count_launches(step, device):
@@ -221,15 +221,28 @@ def equal_matmul_overhead(med):
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--workload", default="all", choices=["all", *WORKLOADS])
+    ap.add_argument("--workload", default="all",
+                    choices=["all", *WORKLOADS, "convnets", *bench_convnets.CONVNETS])
     ap.add_argument("--batch", type=int, default=None)
     ap.add_argument("--reps", type=int, default=15)
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--no-deel", action="store_true")
+    ap.add_argument("--threads", type=int, default=None,
+                    help="torch.set_num_threads (1 on a shared machine: idle OpenMP threads "
+                         "of other processes' spin-waits inflate multi-threaded steps)")
+    ap.add_argument("--clock", default="wall", choices=["wall", "thread"],
+                    help="convnets: wall time, or this thread's CPU time (with --threads 1: "
+                         "what to use on a shared machine)")
+    ap.add_argument("--compile", action="store_true",
+                    help="convnets: also time plain and lipkern under torch.compile (inductor)")
     ap.add_argument("--no-json", action="store_true")
     ap.add_argument("--out", default=RESULTS)
     args = ap.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.workload == "convnets" or args.workload in bench_convnets.CONVNETS:
+        return main_convnets(args)
     names = list(WORKLOADS) if args.workload == "all" else [args.workload]
     for w in names:
         batch = args.batch or DEFAULT_BATCH[w]
@@ -248,6 +261,32 @@ def main(argv=None):
                     launch_unit="cuda kernels" if args.device != "cpu" else "aten ops",
                     device=device_name(torch.device(args.device)), versions=versions(),
                     date=datetime.date.today().isoformat(), reps=args.reps)) + "\n")
+
+
+def main_convnets(args):
+    """Issue 16's run: every conv net and step, a table and a verdict each, JSON rows."""
+    names = list(bench_convnets.CONVNETS) if args.workload == "convnets" else [args.workload]
+    out = args.out if args.out != RESULTS else RESULTS.replace(".jsonl", "_convnets.jsonl")
+    print(f"device: {device_name(torch.device('cpu'))}; versions: {versions()}")
+    summary = []
+    for w in names:
+        strategy = bench_convnets.resolved(w)
+        for kind in bench_convnets.CONVNETS[w][2]:
+            row = bench_convnets.measure(w, kind, args.reps, args.warmup, args.batch,
+                                         args.compile, args.clock)
+            bench_convnets.print_row(row, strategy)
+            summary.append((w, kind, bench_convnets.verdict(row)[2]))
+            if not args.no_json:
+                os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+                with open(out, "a") as f:
+                    f.write(json.dumps(dict(
+                        bench="spectral_norm_convnets", lipkern_strategy=strategy, **row,
+                        device=device_name(torch.device("cpu")), versions=versions(),
+                        date=datetime.datetime.now(datetime.timezone.utc).isoformat(
+                            timespec="minutes"))) + "\n")
+    print("\nverdicts (issue 16 done criterion):")
+    for w, kind, text in summary:
+        print(f"  {w:8s} {kind:8s} {text}")
 
 
 if __name__ == "__main__":

@@ -72,3 +72,11 @@ def test_spectral_norm_bench_runs(tmp_path, capsys):
     # work per step is counted for every provider (aten ops on the CPU, kernels on a GPU)
     assert set(row["launches_per_step"]) == set(row["median_ms"])
     assert row["launches_per_step"]["torch_sn"] > row["launches_per_step"]["plain"] > 0
+
+
+def test_graph_mode_needs_a_gpu(capsys):
+    import torch
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is here: --graph runs (bench/gpu_session.sh times it)")
+    assert bench_power_iter.main(["--graph", "--quick", "--no-save"]) is None
+    assert "needs a CUDA device" in capsys.readouterr().err

@@ -30,3 +30,14 @@ def test_readme_whole_model_example_runs(capsys):
     code = code[:code.index("```")]
     exec(compile(code, "README.md", "exec"), {})
     assert "torch.Size([2, 1])" in capsys.readouterr().out
+
+
+def test_readme_gan_gradient_penalty_example_runs(capsys):
+    """The README's conv-net block (WGAN-GP with spectral_norm_model), executed as written."""
+    text = open(os.path.join(ROOT, "README.md")).read()
+    block = text[text.index("### Conv nets: the default per layer"):]
+    code = block[block.index("```python") + len("```python"):]
+    code = code[:code.index("```")]
+    exec(compile(code, "README.md", "exec"), {})
+    out = capsys.readouterr().out
+    assert out.startswith("0 {'0': ") and "\n1 {" in out

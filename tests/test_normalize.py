@@ -13,7 +13,7 @@ from lipkern.ops.normalize import normalize_backward_op, normalize_op
 from conftest import DEVICES
 from layers import MIXED, assert_close_rule, leaf, make_weights
 
-BACKENDS = ["torch", "triton", "cpp", "cuda"]
+BACKENDS = ["torch", "triton", "cpp", "cuda", "grouped"]
 
 
 def _backend_ok(backend, device, dtype):

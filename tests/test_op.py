@@ -27,7 +27,7 @@ def _op_args(entries, dtype, device, backend, n_iters=2, tol=-1.0, variant="powe
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("variant", ["power", "spectral_norm"])
 @pytest.mark.parametrize("backend,dtype", [("torch", torch.float32), ("torch", torch.float64),
-                                           ("triton", torch.float32)])
+                                           ("grouped", torch.float32), ("triton", torch.float32)])
 def test_opcheck(backend, dtype, device, variant):
     why = lipkern.backends._why_not(backend, torch.device(device), dtype)
     if why:
@@ -87,7 +87,7 @@ def _gradcheck_through_the_op(backend, variant="power"):
     assert torch.autograd.gradcheck(f, [w.requires_grad_() for w in ws], atol=1e-6, rtol=1e-4)
 
 
-@pytest.mark.parametrize("backend", ["torch", "cpp"])
+@pytest.mark.parametrize("backend", ["torch", "cpp", "grouped"])
 def test_torch_compile_fullgraph_forward_and_backward(backend):
     if backend == "cpp" and not HAS_EXT:
         pytest.skip("lipkern._C not built")

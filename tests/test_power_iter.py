@@ -13,7 +13,7 @@ from lipkern import reference as ref
 from conftest import DEVICES
 from layers import MIXED, assert_close_rule as _assert_close_rule, leaf, make_weights
 
-BACKENDS = ["torch", "triton", "cpp", "cuda"]
+BACKENDS = ["torch", "triton", "cpp", "cuda", "grouped"]
 
 
 def _run(fn, ws, specs, coefs, **kw):
@@ -92,7 +92,7 @@ def test_spectral_norm_variant_matches_reference(backend, dtype, n_iters, device
             torch.testing.assert_close(r.state.x[lay.x_slice(i)], xi / xi.norm())
 
 
-@pytest.mark.parametrize("backend", ["torch", "cpp"])
+@pytest.mark.parametrize("backend", ["torch", "cpp", "grouped"])
 def test_spectral_norm_variant_float64_and_warm_start(backend):
     """fp64 to 1e-12 of the reference, and 2 + 1 warm-started iterations == 3 (the state
     carries both vectors)."""
@@ -114,7 +114,7 @@ def test_spectral_norm_variant_float64_and_warm_start(backend):
     torch.testing.assert_close(ev.sigmas, r.sigmas, rtol=1e-12, atol=1e-14)
 
 
-@pytest.mark.parametrize("backend", ["torch", "cpp"])
+@pytest.mark.parametrize("backend", ["torch", "cpp", "grouped"])
 def test_float64_matches_reference(backend):
     _backend_ok(backend, "cpu", torch.float64)
     ws, specs = make_weights(MIXED, torch.float64, seed=2)

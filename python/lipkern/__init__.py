@@ -5,6 +5,8 @@
 from . import distributed, nn, reference
 from .backends import BackendUnavailableError, available_backends
 from .bound import LipschitzReport, lipschitz_bound
+from .certified import certified_sigma
+from .explain import Explanation, explain
 from .layout import PowerIterState
 from .ops.sn_linear import sn_linear
 from .power_iter import fused_normalize, fused_power_iter
@@ -13,5 +15,6 @@ from .spec import ConvSpec
 
 __version__ = "0.1.0"
 
-__all__ = ["ConvSpec", "fused_power_iter", "fused_normalize", "sn_linear", "NormalizeResult", "lipschitz_bound", "LipschitzReport", "distributed", "nn", "PowerIterResult", "PowerIterState", "reference",
-           "available_backends", "BackendUnavailableError", "__version__"]
+__all__ = ["ConvSpec", "fused_power_iter", "fused_normalize", "certified_sigma", "sn_linear", "NormalizeResult", "lipschitz_bound", "LipschitzReport", "distributed", "nn", "PowerIterResult", "PowerIterState", "reference",
+           "available_backends", "BackendUnavailableError", "__version__", "explain",
+           "Explanation"]

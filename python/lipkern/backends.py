@@ -53,7 +53,7 @@ def _ext_missing() -> str:
 
 def _why_not(backend: str, device: torch.device, dtype: torch.dtype):
     """None if ``backend`` can run on these tensors, else the reason (a sentence)."""
-    if backend == "torch":
+    if backend in ("torch", "grouped"):  # plain torch ops: every device torch runs on
         return None
     if backend == "triton":
         if not has_triton():
@@ -97,7 +97,29 @@ def resolve_backend(backend: str, device: torch.device, dtype: torch.dtype) -> s
     return "torch"
 
 
+_CHOSEN: dict = {}  # (id(layout), device, dtype, op) -> (layout, backend): "auto" per call
+_CHOSEN_MAX = 1024
+
+
+def choose_backend(backend: str, layout, device: torch.device, dtype: torch.dtype,
+                   op: str = "power_iter") -> str:
+    """The backend a call of these layers runs: an explicit ``backend`` as
+    :func:`resolve_backend` checks it, "auto" by the measurements of
+    :mod:`lipkern.evidence` for the call's device family and shape class (memoized per
+    layout: the choice costs one dict lookup per call). :func:`lipkern.explain` says why."""
+    if backend != "auto":
+        return resolve_backend(backend, device, dtype)
+    key = (id(layout), device, dtype, op)
+    hit = _CHOSEN.get(key)
+    if hit is None or hit[0] is not layout:  # a recycled id rebuilds
+        from .evidence import choose
+        if len(_CHOSEN) >= _CHOSEN_MAX:
+            _CHOSEN.clear()
+        hit = _CHOSEN[key] = (layout, choose(layout.geoms, device, dtype, op).backend)
+    return hit[1]
+
+
 def available_backends(device="cpu", dtype=torch.float32):
     """Backends that can run on tensors of this device and dtype."""
     device = torch.device(device)
-    return [b for b in ("triton", "cuda", "cpp", "torch") if _why_not(b, device, dtype) is None]
+    return [b for b in ("triton", "cuda", "cpp", "grouped", "torch") if _why_not(b, device, dtype) is None]

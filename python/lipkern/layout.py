@@ -131,6 +131,23 @@ def initial_x(layout: Layout, device: torch.device, dtype: torch.dtype,
     return x.to(device=device, dtype=dtype)
 
 
+# Knuth's multiplicative hash of the index (mod 2^32): exact integer arithmetic in every
+# language a backend is written in, so the fallback is the same vector everywhere; unlike a
+# constant vector it is not in the null space of structured kernels (a zero-sum difference
+# filter annihilates the all-ones vector).
+FALLBACK_MUL, FALLBACK_ADD = 2654435761, 1013904223
+
+
+def fallback_vector(n: int, dtype: torch.dtype = torch.float64,
+                    device: Optional[torch.device] = None) -> torch.Tensor:
+    """The deterministic start vector that replaces an all-zero or non-finite start or
+    warm-start vector (every backend): ``h_i = (i * 2654435761 + 1013904223) mod 2^32``,
+    entry ``h_i / 2^32 - 0.5``; (n,), not normalized."""
+    i = torch.arange(n, dtype=torch.int64)
+    h = (i * FALLBACK_MUL + FALLBACK_ADD) % (1 << 32)
+    return (h.double() / float(1 << 32) - 0.5).to(dtype=dtype, device=device)
+
+
 def weight_shapes(weights: Sequence[torch.Tensor]) -> Tuple[Tuple[int, ...], ...]:
     return tuple(tuple(w.shape) for w in weights)
 

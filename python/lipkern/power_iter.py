@@ -6,8 +6,9 @@ from typing import Optional, Sequence
 
 import torch
 
-from .backends import resolve_backend
+from .backends import choose_backend
 from .layout import PowerIterState, initial_u, initial_x
+from .ops import grouped
 from .ops.normalize import normalize_op
 from .ops.power_iter import call_op
 from .reference import divide
@@ -42,8 +43,12 @@ def fused_power_iter(weights: Sequence[torch.Tensor],
         eps: floor of every norm that divides.
         tol: if set, a layer stops once its estimate changes by <= tol (relative) between two
             iterations; decided inside the kernel, with no host synchronisation.
-        backend: "auto" | "triton" | "cuda" | "cpp" | "torch". An explicit backend that cannot
-            run here raises :class:`lipkern.BackendUnavailableError` (a ValueError).
+        backend: "auto" | "triton" | "cuda" | "cpp" | "grouped" | "torch". An explicit
+            backend that cannot run here raises :class:`lipkern.BackendUnavailableError` (a
+            ValueError). "grouped" runs every bucket of equal-geometry layers as one grouped
+            conv / batched matmul per phase (:mod:`lipkern.ops.grouped`); "auto" picks by
+            the committed measurements (:mod:`lipkern.evidence`; :func:`lipkern.explain`
+            says which backend a call takes and why).
         generator: seeds the cold-start vectors (drawn on the generator's device).
         check_finite: raise ValueError on NaN/Inf weights (one reduction and one host sync;
             pass False inside a tight training loop).
@@ -111,12 +116,16 @@ def fused_normalize(weights: Sequence[torch.Tensor],
         A sigma of 0 gives inf/NaN entries, as ``W / sigma`` does in torch.
     """
     weights, layout, chosen, x0, u0 = _prepare(weights, specs, state, n_iters, eps, tol,
-                                               backend, generator, check_finite, variant)
+                                               backend, generator, check_finite, variant,
+                                               op="normalize")
     tol = -1.0 if tol is None else float(tol)
     if chosen != "triton":
         sigmas, _, _, x, u = call_op(chosen, list(weights), x0, u0, list(layout.meta), n_iters,
                                      float(eps), tol)
-        outs = [divide(w, s) for w, s in zip(weights, sigmas.unbind(0))]
+        if chosen == "grouped":  # one division per bucket, not per layer
+            outs = grouped.divide_weights(list(weights), sigmas, layout)
+        else:
+            outs = [divide(w, s) for w, s in zip(weights, sigmas.unbind(0))]
     else:
         sigmas, x, u, what = normalize_op(list(weights), x0, u0, list(layout.meta), n_iters,
                                           float(eps), tol)
@@ -127,17 +136,19 @@ def fused_normalize(weights: Sequence[torch.Tensor],
 
 
 def _prepare(weights, specs, state, n_iters, eps, tol, backend, generator, check_finite,
-             variant):
+             variant, op="power_iter"):
     """validate -> pack -> pick backend; the start vectors in the compute dtype."""
     weights, layout = validate_call(weights, specs, state, n_iters, eps, tol, backend,
                                     generator, check_finite and not torch.compiler.is_compiling(),
                                     variant)
     device, dtype = weights[0].device, weights[0].dtype
-    chosen = resolve_backend(backend, device, dtype)
+    chosen = choose_backend(backend, layout, device, dtype, op)
     cdtype = compute_dtype(dtype)
     x0 = state.x if state is not None else initial_x(layout, device, cdtype, generator)
     u0 = None
     if variant == "spectral_norm":
         u0 = state.u if state is not None else initial_u(layout, device, cdtype, generator)
-        u0 = u0.to(cdtype)
-    return weights, layout, chosen, x0.to(cdtype), u0
+        # contiguous: a state may be a strided or expanded (stride-0) view, and the kernels
+        # read the packed vectors as flat buffers
+        u0 = u0.to(cdtype).contiguous()
+    return weights, layout, chosen, x0.to(cdtype).contiguous(), u0

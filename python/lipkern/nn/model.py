@@ -16,7 +16,13 @@ Differences from per-layer spectral_norm, all deliberate:
 * a layer called twice in one model forward is normalized once (as under
   ``torch.nn.utils.parametrize.cached()``); a weight read outside a model forward is
   normalized on its own (the per-layer path, with the same train/eval rules);
-* how the work is laid out (``strategy``; the same function and gradient every way):
+* how the work is laid out (``strategy``; the same function and gradient every way; each
+  strategy is one class in :mod:`lipkern.nn.strategies`):
+  "mixed" (the default on the CPU for models with convs) -- one fused call without autograd
+  gives every sigma and vector; per layer and input shape, a layer whose output has at least
+  10x more elements than its weight divides its weight (sigma = u^T A(W) x recomputed
+  differentiably, :mod:`lipkern.nn.divided_weight`), any other scales its outputs as in
+  "scaled_outputs" (with a backward that is exact at second order);
   "fused_weights" (the default on CUDA with Triton) -- the one fused launch also writes
   every ``W / sigma`` (:func:`lipkern.fused_normalize`), each layer runs its own op on it,
   and one more launch returns every weight gradient: a model's normalization costs two
@@ -48,23 +54,21 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.nn.utils import parametrize
 
-from ..backends import load_ext, resolve_backend
+from ..backends import load_ext
 from ..layout import Layout, PowerIterState, layout_for
-from ..ops import sn_linear as _sn_linear  # noqa: F401  (registers lipkern::sn_linear's fakes)
-from ..power_iter import fused_normalize, fused_power_iter
+from ..power_iter import fused_power_iter
 from ..spec import ConvSpec
 from ..validate import compute_dtype
-from .parametrization import _TRANSPOSED, _in_vmap, _spec_from_module, make_picklable
-from .scaled_layer import ScaledLayer, dense_rank1, operator_rank1
+from .parametrization import _TRANSPOSED, _spec_from_module, make_picklable
+from .divided_weight import divided, scale_of
+from .strategies import STRATEGIES, Inline, Strategy, make_strategies, store_state
 
-__all__ = ["spectral_norm_model", "remove_spectral_norm_model", "SpectralNormGroup",
+__all__ = ["spectral_norm_model", "remove_spectral_norm_model", "sigmas", "SpectralNormGroup",
            "GroupedSpectralNorm", "DEFAULT_TYPES", "SUPPORTED_TYPES"]
 
 DEFAULT_TYPES = (nn.Linear, nn.Conv1d, nn.Conv2d)
 SUPPORTED_TYPES = DEFAULT_TYPES + (nn.ConvTranspose1d, nn.ConvTranspose2d)
 _ATTR = "_lipkern_spectral_norm"
-STRATEGIES = ("auto", "fused_weights", "scaled_outputs", "inline")
-_SN_LINEAR = torch.ops.lipkern.sn_linear.default if _sn_linear.available() else None
 
 
 class GroupedSpectralNorm(nn.Module):
@@ -115,13 +119,15 @@ class SpectralNormGroup:
     Attributes: ``modules`` (the L layers, model order), ``names`` (their qualified names),
     ``specs`` (None: the weight as torch's matrix; ConvSpec: the conv operator), ``dims``
     (torch's ``dim``: 1 for transposed convs in matrix mode), ``layout`` (packing of the
-    vectors), ``u``/``v`` (packed (total_y,) / (total_x,) buffers in the weights' dtype).
+    vectors), ``u``/``v`` (packed (total_y,) / (total_x,) buffers in the weights' dtype),
+    ``strategies`` (one :class:`~lipkern.nn.strategies.Strategy` per name; the group picks
+    one per forward and delegates the layers' work to it).
     """
 
     def __init__(self, modules: Sequence[nn.Module], names: Sequence[str],
                  specs: Sequence[Optional[ConvSpec]], dims: Sequence[int],
                  n_power_iterations: int, eps: float, backend: str, cache_eval: bool,
-                 strategy: str = "auto"):
+                 strategy: str = "auto", coeff: Optional[float] = None):
         self.modules = list(modules)
         self.names = list(names)
         self.specs = tuple(specs)
@@ -131,23 +137,19 @@ class SpectralNormGroup:
         self.backend = backend
         self.cache_eval = cache_eval
         self.strategy = strategy
+        self.coeff = coeff  # None: W / sigma; else W * min(1, coeff / sigma)
+        self.last_sigmas: Optional[torch.Tensor] = None  # (L,) of the latest fused call
         self.layout: Optional[Layout] = None
         self.u: Optional[torch.Tensor] = None
         self.v: Optional[torch.Tensor] = None
-        # set for the duration of one model forward: sigmas (L,) and the packed vectors of
-        # sigma = u^T A x (the fused call's state)
-        self._sigmas: Optional[torch.Tensor] = None
-        self._sigma_list = self._u_list = self._x_list = None
-        self._scaled_ok = False  # this forward may use ScaledLayer
-        self._what: Optional[List[torch.Tensor]] = None  # this forward's W_l / sigma_l
-        # "inline" forwards: the layers' weights, n_iters, and the new vectors per layer
-        self._inline: Optional[Tuple[List[torch.Tensor], int]] = None
-        self._pending: dict = {}
+        self.views: List[Tuple[torch.Tensor, torch.Tensor]] = []  # each layer's (_u, _v)
+        self.tiled = False
         self.all_linear = all(isinstance(m, nn.Linear) and s is None and d == 0
                               for m, s, d in zip(modules, specs, dims))
-        self._eval_cache = None  # (key, sigmas, state) of cache_eval
         self.conv_args = [_conv_args(m) for m in self.modules]  # False: division path
         self.fast = [c is not False for c in self.conv_args]
+        self.strategies = make_strategies()
+        self.active: Optional[Strategy] = None  # the strategy of the forward in progress
         self.calls = 0  # fused calls made (for tests and curious users)
 
     # ------------------------------------------------------------ the layers
@@ -176,209 +178,113 @@ class SpectralNormGroup:
         self.u = torch.cat([u.reshape(-1) for u in us])
         self.v = torch.cat([v.reshape(-1) for v in vs])
         lay = self.layout
-        self._views = []
+        self.views = []
         for i, p in enumerate(self.params()):
             p._buffers["_u"] = self.u[lay.y_slice(i)]
             p._buffers["_v"] = self.v[lay.x_slice(i)]
-            self._views.append((p._buffers["_u"], p._buffers["_v"]))
+            self.views.append((p._buffers["_u"], p._buffers["_v"]))
         # whether the layers' vectors tile the packed buffers in layer order (then an
         # "inline" forward stores all its new vectors with one cat + copy_ per side)
-        self._tiled = all(
+        self.tiled = all(
             sum(t.numel() for t in bufs) == whole.numel() and
             [t.storage_offset() for t in bufs] ==
             [sum(b.numel() for b in bufs[:k]) + whole.storage_offset()
              for k in range(len(bufs))]
-            for bufs, whole in (([u for u, _ in self._views], self.u),
-                                ([v for _, v in self._views], self.v)))
+            for bufs, whole in (([u for u, _ in self.views], self.u),
+                                ([v for _, v in self.views], self.v)))
 
     def _ensure_packed(self, params: List[GroupedSpectralNorm]) -> None:
         """``module.to()``/``.double()`` or ``load_state_dict(assign=True)`` replace buffers
         with fresh tensors: re-pack whenever a layer's buffer is no longer our view (an
         identity test per layer: in-place writes such as load_state_dict keep the views)."""
-        for p, (u, v) in zip(params, self._views):
+        for p, (u, v) in zip(params, self.views):
             if p._buffers["_u"] is not u or p._buffers["_v"] is not v:
                 self.pack([q._buffers["_u"] for q in params], [q._buffers["_v"] for q in params])
                 return
 
     # ------------------------------------------------------------ one fused call
-    def _run(self, weights, state_v, state_u, specs, n_iters, fn=fused_power_iter):
+    def run(self, weights, state_v, state_u, specs, n_iters, fn=fused_power_iter):
+        """One fused call (torch's update) from the given packed vectors."""
         cdtype = compute_dtype(weights[0].dtype)
         meta = layout_for(tuple(tuple(w.shape) for w in weights), specs).meta
         state = PowerIterState(state_v.to(cdtype), state_u.to(cdtype), meta)
         return fn(weights, specs, state=state, n_iters=n_iters, eps=self.eps,
                   backend=self.backend, check_finite=False, variant="spectral_norm")
 
-    def fused_weights(self, w: torch.Tensor) -> bool:
-        """Whether forwards use the "fused_weights" strategy for weights like ``w``
-        (``strategy="auto"``: where the fused op is the Triton kernel, i.e. CUDA tensors)."""
-        if self.strategy != "auto":
-            return self.strategy == "fused_weights"
-        return w.device.type == "cuda" and \
-            resolve_backend(self.backend, w.device, w.dtype) == "triton"
-
-    def inline(self, w: torch.Tensor) -> bool:
-        """Whether this forward uses the "inline" strategy for weights like ``w``
-        (``strategy="auto"``: every layer a Linear in matrix mode, CPU tensors, the compiled
-        extension built, backend "auto" or "cpp"); float32/float64 only and not under
-        autocast (else the forward falls back to "scaled_outputs")."""
-        if self.strategy not in ("inline", "auto") or not self.all_linear:
-            return False
-        if self.strategy == "auto" and self.backend not in ("auto", "cpp"):
-            return False
-        return (w.device.type == "cpu" and w.dtype in (torch.float32, torch.float64)
-                and not torch.is_autocast_enabled() and load_ext() is not None)
-
-    @staticmethod
-    def _store(state: PowerIterState, v: torch.Tensor, u: torch.Tensor) -> None:
-        """A training forward's vectors into the buffers, in place (DDP broadcasts into them),
-        except under vmap, where a batched value cannot go into an unbatched buffer."""
-        if not _in_vmap(state.x):
-            with torch.no_grad():
-                v.copy_(state.x)
-                u.copy_(state.u)
-
-    def begin_forward(self) -> None:
-        """The model's forward pre-hook: every sigma of this forward in one fused call."""
-        params = self.params()
-        training = params[0].training
-        if any(p.training != training for p in params):
-            self._sigmas = None  # mixed train/eval layers: each takes the per-layer path
-            return
-        self._ensure_packed(params)
-        originals = self.originals()
-        if self.inline(originals[0]):
-            # no fused call: each layer's own matmul carries its power iteration
-            self._inline = (originals, self.n_power_iterations if training else 0)
-            self._pending = {}
-            return
-        self._scaled_ok = not torch.is_autocast_enabled()
-        if not training and self.cache_eval and not torch.compiler.is_compiling():
-            key = self._cache_key(originals)
-            if self._eval_cache is None or self._eval_cache[0] != key:
-                with torch.no_grad():
-                    res = self._run([self.op_weight(i, w) for i, w in enumerate(originals)],
-                                    self.v, self.u, self.specs, 0)
-                self.calls += 1
-                self._eval_cache = (key, res.sigmas, res.state)
-            self._set_current(*self._eval_cache[1:])
-            return
-        self._eval_cache = None
-        n_iters = self.n_power_iterations if training else 0
-        op_weights = [self.op_weight(i, w) for i, w in enumerate(originals)]
-        if self.fused_weights(originals[0]):
-            # one launch writes every W_l / sigma_l; the layers run their own ops on them
-            res = self._run(op_weights, self.v, self.u, self.specs, n_iters, fused_normalize)
+    def count_call(self) -> None:
+        """One more fused call (not counted under torch.compile: a Python int that changes
+        every call would be a guard, and so a recompilation every step)."""
+        if not torch.compiler.is_compiling():
             self.calls += 1
-            if training:
-                self._store(res.state, self.v, self.u)
-            self._sigmas = res.sigmas
-            self._what = [w if d == 0 else w.movedim(0, d) for w, d in zip(res.weights,
-                                                                            self.dims)]
-            return
-        # ScaledLayer carries every sigma's gradient itself: the op's own backward (a
-        # weight-sized gradient per layer) is needed only for layers on the division path
-        grad = torch.is_grad_enabled() and not (self._scaled_ok and all(self.fast))
-        with torch.set_grad_enabled(grad):
-            res = self._run(op_weights, self.v, self.u, self.specs, n_iters)
-        self.calls += 1
-        if training:
-            self._store(res.state, self.v, self.u)
-        self._set_current(res.sigmas, res.state)
 
-    def _set_current(self, sigmas: torch.Tensor, state: PowerIterState) -> None:
-        """This forward's sigmas and vectors, split per layer once (3 ops, not 3 per layer)."""
-        lay = self.layout
-        self._sigmas = sigmas
-        self._sigma_list = sigmas.detach().unbind(0)
-        self._u_list = state.u.split([g.y_numel for g in lay.geoms])
-        self._x_list = state.x.split([g.x_numel for g in lay.geoms])
-
-    def end_forward(self) -> None:
-        """The model's forward hook (also after an exception): later weight reads outside a
-        forward take the per-layer path."""
-        if self._pending:
-            self._store_inline()
-        self._sigmas = self._what = self._inline = None
-        self._sigma_list = self._u_list = self._x_list = None
-
-    def _store_inline(self) -> None:
-        """An "inline" training forward's new vectors into the layers' buffers: one
-        ``_foreach_copy_`` per side for the whole model (skipped under vmap, as _store)."""
-        pending, self._pending = self._pending, {}
-        if self.__dict__.get("_tiled") and len(pending) == len(self._views) and \
-                not torch.compiler.is_compiling() and \
-                list(pending) == list(range(len(pending))) and \
-                not any(_in_vmap(uv[0]) for uv in pending.values()):
-            # every layer ran once, in order: two cats and two copies for the whole model
-            # (not under torch.compile: AOTAutograd rejects a write to the base of views that
-            # are graph inputs)
-            with torch.no_grad():
-                self.u.copy_(torch.cat([uv[0] for uv in pending.values()]))
-                self.v.copy_(torch.cat([uv[1] for uv in pending.values()]))
-            return
-        items = [(self._views[i], uv) for i, uv in pending.items() if not _in_vmap(uv[0])]
-        if items:
-            with torch.no_grad():
-                torch._foreach_copy_([b[0] for b, _ in items], [uv[0] for _, uv in items])
-                torch._foreach_copy_([b[1] for b, _ in items], [uv[1] for _, uv in items])
-
-    def _cache_key(self, originals) -> Tuple:
+    def cache_key(self, originals) -> Tuple:
         return (tuple((w._version, w.data_ptr(), w.dtype, w.device) for w in originals),
                 self.u._version, self.v._version, self.u.data_ptr(), self.v.data_ptr())
 
+    def strategy_for(self, w: torch.Tensor) -> Strategy:
+        """The strategy a forward on weights like ``w`` starts with: the one forced by
+        ``strategy=``, or for "auto" the first whose ``applies`` holds."""
+        if self.strategy != "auto":
+            return self.strategies[self.strategy]
+        for s in self.strategies.values():
+            if s.applies(self, w):
+                return s
+        return self.strategies["scaled_outputs"]
+
+    def resolved_strategy(self) -> str:
+        """The name of the strategy a training forward runs now (for tables and logs)."""
+        w = self.originals()[0]
+        s = self.strategy_for(w)
+        if isinstance(s, Inline) and not s.runs(self, w):
+            s = self.strategies["scaled_outputs"]
+        return s.name
+
+    # ------------------------------------------------------------ a model forward
+    def begin_forward(self) -> None:
+        """The model's forward pre-hook: the strategy's per-forward work (for all but
+        "inline": every sigma of this forward in one fused call)."""
+        params = self.params()
+        training = params[0].training
+        if any(p.training != training for p in params):
+            self.active = None  # mixed train/eval layers: each takes the per-layer path
+            return
+        self._ensure_packed(params)
+        originals = self.originals()
+        self.active = self.strategy_for(originals[0]).prepare(self, originals, training)
+
+    def end_forward(self) -> None:
+        """The model's forward hook (also after an exception): the strategy stores its new
+        vectors; later weight reads outside a forward take the per-layer path."""
+        active, self.active = self.active, None
+        if active is not None:
+            active.store(self)
+
     def layer_forward(self, i: int, module: nn.Module, x: torch.Tensor) -> torch.Tensor:
-        """Layer i's forward: its own op on the fused call's ``W / sigma`` ("fused_weights"),
-        ``layer(x; W) / sigma + b`` ("scaled_outputs"), the layer's own op with its power
-        iteration folded in ("inline"), or the layer's own forward on its parametrized
-        (divided) weight."""
-        if self._inline is not None:
-            originals, n_iters = self._inline
-            w = originals[i]
-            if x.dtype == w.dtype and x.device == w.device and not _in_vmap(x) \
-                    and not _in_vmap(w):
-                first = self._pending.get(i)
-                if first is None:
-                    u, v = self._views[i]
-                else:  # called again in this forward: normalized once, with its new vectors
-                    (u, v), n_iters = first, 0
-                y, _, u_new, v_new = _SN_LINEAR(x, w, _bias(module), u, v, n_iters, self.eps)
-                if n_iters:
-                    self._pending[i] = (u_new, v_new)
-                return y
+        """Layer i's forward, as the forward's strategy runs it (outside a model forward: the
+        layer's own forward on its per-layer normalized weight)."""
+        active = self.active
+        if active is None:
             return type(module).__bases__[0].forward(module, x)
-        if self._what is not None:
-            if isinstance(module, nn.Linear):
-                return F.linear(x, self._what[i], module.bias)
-            if not isinstance(module, _TRANSPOSED):
-                return module._conv_forward(x, self._what[i], module.bias)
-            return type(module).__bases__[0].forward(module, x)  # weight: self._what[i]
-        conv = self.conv_args[i] if self._sigmas is not None and self._scaled_ok else False
-        if conv is False:
-            return type(module).__bases__[0].forward(module, x)
-        u, v = self._u_list[i], self._x_list[i]
-        rank1 = (dense_rank1(u, v, self.dims[i]) if self.specs[i] is None
-                 else operator_rank1(self.layout.geoms[i], u, v))
-        if conv is not None and module.padding_mode != "zeros":
-            x = F.pad(x, module._reversed_padding_repeated_twice, mode=module.padding_mode)
-        return ScaledLayer.apply(x, module.parametrizations.weight.original, module.bias,
-                                 self._sigma_list[i], rank1, conv)
+        return active.layer_forward(self, i, module, x)
 
     # ------------------------------------------------------------ per layer
     def normalized(self, i: int, weight: torch.Tensor) -> torch.Tensor:
-        """Layer i's normalized weight: its entry of this forward's fused call, or outside a
+        """Layer i's normalized weight: as the forward's strategy gives it, or outside a
         model forward the per-layer computation (same train/eval rules as spectral_norm)."""
-        if self._what is not None:
-            return self._what[i]
-        if self._sigmas is not None:
-            return _divide(weight, self._sigmas[i])
+        if self.active is not None:
+            return self.active.weight(self, i, weight)
+        return self.per_layer(i, weight)
+
+    def per_layer(self, i: int, weight: torch.Tensor) -> torch.Tensor:
+        """Layer i's weight normalized on its own (its own fused call)."""
         p = self.modules[i].parametrizations.weight[0]
         training = p.training
         u, v = p._buffers["_u"], p._buffers["_v"]
-        res = self._run([self.op_weight(i, weight)], v, u, (self.specs[i],),
-                        self.n_power_iterations if training else 0)
+        res = self.run([self.op_weight(i, weight)], v, u, (self.specs[i],),
+                       self.n_power_iterations if training else 0)
         if training:
-            self._store(res.state, v, u)
-        return _divide(weight, res.sigmas[0])
+            store_state(res.state, v, u)
+        return divided(weight, scale_of(res.sigmas[0], self.coeff))
 
     # ------------------------------------------------------------ hooks (picklable)
     def pre_hook(self, module, args):
@@ -392,11 +298,6 @@ def _original(plist) -> torch.Tensor:
     """``ParametrizationList.original`` (a parameter, or a buffer for a non-parameter)."""
     t = plist._parameters.get("original")
     return t if t is not None else plist.original
-
-
-def _bias(module: nn.Module) -> Optional[torch.Tensor]:
-    b = module._parameters.get("bias", _bias)
-    return module.bias if b is _bias else b  # not in _parameters: e.g. parametrized itself
 
 
 def _conv_args(m: nn.Module):
@@ -415,13 +316,6 @@ def _conv_args(m: nn.Module):
     transposed = isinstance(m, _TRANSPOSED)
     return (tuple(m.stride), tuple(padding), tuple(m.dilation), transposed,
             tuple(m.output_padding) if transposed else (0,) * n, m.groups)
-
-
-def _divide(weight: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
-    """weight / sigma, in float32 for half-precision weights (as spectral_norm does)."""
-    if weight.dtype in (torch.float16, torch.bfloat16):
-        return (weight.float() / sigma.float()).to(weight.dtype)
-    return weight / sigma.to(weight.dtype)
 
 
 def _select(model: nn.Module, types, names) -> List[Tuple[str, nn.Module]]:
@@ -482,7 +376,8 @@ def spectral_norm_model(model: nn.Module, example_input=None, *, n_power_iterati
                         types: Union[None, type, Sequence[type]] = None,
                         names: Union[None, Iterable[str], Callable[[str, nn.Module], bool]] = None,
                         mode: str = "matrix", cache_eval: bool = False,
-                        backend: str = "auto", strategy: str = "auto") -> nn.Module:
+                        backend: str = "auto", strategy: str = "auto",
+                        coeff: Optional[float] = None) -> nn.Module:
     """Spectrally normalize every selected layer of ``model`` in place, with ONE fused call
     (one ``lipkern::`` op) per model forward for all of them (strategy "inline", the CPU
     default for Linear-only models, instead folds each layer's iteration into its own op).
@@ -506,7 +401,14 @@ def spectral_norm_model(model: nn.Module, example_input=None, *, n_power_iterati
         cache_eval: reuse the eval-mode normalized weights across eval forwards (see module
             docstring: zero power iterations, no weight gradient in eval).
         backend: as in :func:`lipkern.fused_power_iter`.
+        coeff: None (divide by sigma), or soft normalization as in invertible ResNets and
+            DUE: each weight becomes ``W * min(1, coeff / sigma)`` (a layer with sigma below
+            coeff is left as it is; gradients exact on both sides).
         strategy: how the layers use the fused call's sigmas (same values and gradients):
+            "mixed" -- per layer, the cheaper of dividing the weight (sigma = u^T A(W) x
+            recomputed differentiably from the fused call's vectors) and scaling the outputs,
+            by the size of the layer's output against its weight
+            (:class:`lipkern.nn.strategies.Mixed`);
             "fused_weights" -- the fused kernel also writes every ``W / sigma``
             (:func:`lipkern.fused_normalize`) and each layer runs its own op on it: two
             launches per training step for the whole model, whatever its depth (the GPU
@@ -519,7 +421,7 @@ def spectral_norm_model(model: nn.Module, example_input=None, *, n_power_iterati
             matmul; "auto" --
             "fused_weights" where the fused op is the Triton kernel on CUDA tensors, "inline"
             for a Linear-only model on the CPU (backend "auto" or "cpp", the extension
-            built), else "scaled_outputs".
+            built, no coeff), "mixed" for any other model on the CPU, else "scaled_outputs".
 
     Remove with :func:`remove_spectral_norm_model`.
     """
@@ -537,6 +439,12 @@ def spectral_norm_model(model: nn.Module, example_input=None, *, n_power_iterati
         raise ValueError(f"mode must be 'matrix' or 'operator', got {mode!r}")
     if strategy not in STRATEGIES:
         raise ValueError(f"strategy must be one of {STRATEGIES}, got {strategy!r}")
+    if coeff is not None and (isinstance(coeff, bool) or not isinstance(coeff, (int, float))
+                              or not coeff > 0 or coeff == float("inf")):
+        raise ValueError(f"coeff must be None or a finite float > 0, got {coeff!r}")
+    if coeff is not None and strategy == "inline":
+        raise ValueError("strategy='inline' does not take coeff= (lipkern::sn_linear divides by "
+                         "sigma itself); use strategy='mixed' or 'auto'")
     targets = _select(model, types, names)
     first = targets[0][1].weight
     for qname, m in targets:
@@ -561,7 +469,8 @@ def spectral_norm_model(model: nn.Module, example_input=None, *, n_power_iterati
     dims = [1 if isinstance(m, _TRANSPOSED) and spec is None else 0
             for (_, m), spec in zip(targets, specs)]
     group = SpectralNormGroup([m for _, m in targets], [q for q, _ in targets], specs, dims,
-                              n_power_iterations, eps, backend, cache_eval, strategy)
+                              n_power_iterations, eps, backend, cache_eval, strategy,
+                              None if coeff is None else float(coeff))
     if strategy == "inline":
         if not group.all_linear:
             raise ValueError("strategy='inline' folds the power iteration into Linear layers' "
@@ -576,8 +485,9 @@ def spectral_norm_model(model: nn.Module, example_input=None, *, n_power_iterati
     # torch's 15 warm-up iterations, plus the training-mode forward that
     # register_parametrization runs once: all layers in one call
     with torch.no_grad():
-        res = group._run(weights, torch.cat(vs), torch.cat(us), group.specs,
+        res = group.run(weights, torch.cat(vs), torch.cat(us), group.specs,
                          15 + n_power_iterations)
+    group.last_sigmas = res.sigmas
     lay = group.layout
     us = [res.state.u[lay.y_slice(i)].to(first.dtype) for i in range(len(targets))]
     vs = [res.state.x[lay.x_slice(i)].to(first.dtype) for i in range(len(targets))]
@@ -616,6 +526,18 @@ def _initial_vectors(group: SpectralNormGroup, weights):
         us.append(u)
         vs.append(v)
     return us, vs
+
+
+def sigmas(model: nn.Module) -> dict:
+    """The current sigma of every layer normalized by :func:`spectral_norm_model`, for
+    logging: ``{qualified layer name: 0-d float32 tensor}``, the sigmas of the latest forward
+    (at registration: of its warm-up iterations). Nothing is recomputed and nothing
+    synchronizes (the tensors stay on the weights' device; ``.item()`` them to log). The
+    values are the sigmas the layers were divided by (before ``coeff``); detached."""
+    group = getattr(model, _ATTR, None)
+    if group is None:
+        raise ValueError("sigmas(model): model has no spectral_norm_model applied")
+    return dict(zip(group.names, group.last_sigmas.unbind(0)))
 
 
 def remove_spectral_norm_model(model: nn.Module, leave_parametrized: bool = True) -> nn.Module:

@@ -53,7 +53,8 @@ class SpectralNorm(nn.Module):
     """
 
     def __init__(self, weight: torch.Tensor, n_power_iterations: int = 1, dim: int = 0,
-                 eps: float = 1e-12, mode: str = "matrix", spec: Optional[ConvSpec] = None):
+                 eps: float = 1e-12, mode: str = "matrix", spec: Optional[ConvSpec] = None,
+                 coeff: Optional[float] = None):
         super().__init__()
         ndim = weight.ndim
         if dim >= ndim or dim < -ndim:
@@ -64,6 +65,10 @@ class SpectralNorm(nn.Module):
                              f"n_power_iterations={n_power_iterations}")
         if mode not in ("matrix", "operator"):
             raise ValueError(f"mode must be 'matrix' or 'operator', got {mode!r}")
+        if coeff is not None and (isinstance(coeff, bool) or not isinstance(coeff, (int, float))
+                                  or not 0 < coeff < float("inf")):
+            raise ValueError(f"coeff must be None or a finite float > 0, got {coeff!r}")
+        self.coeff = None if coeff is None else float(coeff)  # W * min(1, coeff / sigma)
         self.dim = dim if dim >= 0 else dim + ndim
         self.eps = eps
         self.mode = mode
@@ -129,10 +134,24 @@ class SpectralNorm(nn.Module):
             u = u.clone(memory_format=torch.contiguous_format).to(w32.dtype)
             v = v.clone(memory_format=torch.contiguous_format).to(w32.dtype)
             sigma = torch.vdot(u, torch.mv(weight_mat, v))
-            return (w32 / sigma).to(weight.dtype)
+            return (w32 / _scale(sigma, getattr(self, "coeff", None))).to(weight.dtype)
 
     def right_inverse(self, value: torch.Tensor) -> torch.Tensor:
         return value
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
+                              unexpected_keys, error_msgs):
+        # operator mode before its first forward has empty vectors (their size needs the input
+        # size): take the checkpoint's, so a model can be restored before it ever runs; the
+        # first forward checks them against the input size then
+        if self.mode == "operator" and self._v.numel() == 0:
+            for name in ("_u", "_v"):
+                t = state_dict.get(prefix + name)
+                if isinstance(t, torch.Tensor) and t.dim() == 1:
+                    self._buffers[name] = torch.empty_like(t, dtype=self._buffers[name].dtype,
+                                                           device=self._buffers[name].device)
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
+                                      unexpected_keys, error_msgs)
 
     # ------------------------------------------------------------ operator mode
     def _init_operator(self, weight: torch.Tensor, spec: ConvSpec) -> None:
@@ -150,14 +169,26 @@ class SpectralNorm(nn.Module):
                                "spectral_norm, or run one forward of the module first")
         if self._v.numel() == 0:
             self._init_operator(weight, self.spec)
-        meta = layout_for((tuple(weight.shape),), (self.spec,)).meta
+        layout = layout_for((tuple(weight.shape),), (self.spec,))
+        g = layout.geoms[0]
+        if self._v.numel() != g.x_numel or self._u.numel() != g.y_numel:
+            raise ValueError(f"spectral_norm(mode='operator'): the vectors _v ({self._v.numel()}) "
+                             f"and _u ({self._u.numel()}) do not fit input size "
+                             f"{self.spec.input_size} ({g.x_numel} and {g.y_numel} entries): "
+                             f"a state_dict saved at another input size?")
+        meta = layout.meta
         state = PowerIterState(self._v.float(), self._u.float(), meta)
         res = fused_power_iter([weight], [self.spec], state=state,
                                n_iters=self.n_power_iterations if self.training else 0,
                                eps=self.eps, check_finite=False, variant="spectral_norm")
         if self.training:
             self._store(res.state.u.to(self._u.dtype), res.state.x.to(self._v.dtype))
-        return weight / res.sigmas[0].to(weight.dtype)
+        return weight / _scale(res.sigmas[0], getattr(self, "coeff", None)).to(weight.dtype)
+
+
+def _scale(sigma: torch.Tensor, coeff: Optional[float]) -> torch.Tensor:
+    """The divisor: sigma, or max(sigma / coeff, 1) (soft normalization, coeff=)."""
+    return sigma if coeff is None else torch.clamp_min(sigma / coeff, 1.0)
 
 
 def _reduce_parametrized(self, protocol):
@@ -207,14 +238,33 @@ def _spec_from_module(module: nn.Module, input_size) -> ConvSpec:
                     output_padding=lift(module.output_padding) if transposed else 0)
 
 
+def _spatial_size(module: nn.Module, input_size):
+    """``input_size`` as the spatial size: (H, W) (or L for 1-D convs) as given, or DUE's
+    (C, H, W) with C checked against the layer's input channels."""
+    two_d = isinstance(module, (nn.Conv2d, nn.ConvTranspose2d))
+    if two_d and isinstance(input_size, (tuple, list, torch.Size)) and len(input_size) == 3:
+        if int(input_size[0]) != module.in_channels:
+            raise ValueError(f"input_size={tuple(input_size)} reads as (C, H, W), but the layer "
+                             f"has {module.in_channels} input channels: pass (H, W), the spatial "
+                             f"size of its input, or (C, H, W) with C = {module.in_channels}")
+        return tuple(int(v) for v in input_size[1:])
+    if two_d and isinstance(input_size, (tuple, list, torch.Size)) and len(input_size) != 2:
+        raise ValueError(f"input_size must be (H, W), an int, or (C, H, W) for a 2-D conv, "
+                         f"got {tuple(input_size)!r}")
+    return input_size
+
+
 def spectral_norm(module: nn.Module, name: str = "weight", n_power_iterations: int = 1,
                   eps: float = 1e-12, dim: Optional[int] = None, *, mode: str = "matrix",
-                  input_size: Union[None, int, Tuple[int, int]] = None) -> nn.Module:
+                  input_size: Union[None, int, Tuple[int, ...]] = None,
+                  coeff: Optional[float] = None) -> nn.Module:
     """Spectral normalization of ``module.<name>``: same signature, defaults, buffers and
     results as ``torch.nn.utils.parametrizations.spectral_norm`` in ``mode="matrix"``;
     ``mode="operator"`` divides a conv weight by the sigma of the conv operator at
-    ``input_size`` (spatial size of the module's input; taken from the first forward when
-    None). Returns the module. Remove with ``torch.nn.utils.parametrize.remove_parametrizations``.
+    ``input_size`` (spatial size (H, W) of the module's input, or (C, H, W) as DUE passes
+    it, C checked; taken from the first forward when None). Before that first forward the
+    layer can load a state_dict (its vectors take the checkpoint's size). ``coeff``: soft
+    normalization as in invertible ResNets / DUE, ``W * min(1, coeff / sigma)``. Returns the module. Remove with ``torch.nn.utils.parametrize.remove_parametrizations``.
     """
     weight = getattr(module, name, None)
     if not isinstance(weight, torch.Tensor):
@@ -227,8 +277,8 @@ def spectral_norm(module: nn.Module, name: str = "weight", n_power_iterations: i
             raise ValueError(f"mode='operator' applies to Conv1d/Conv2d/ConvTranspose1d/2d, "
                              f"got {type(module).__name__} (use mode='matrix' for Linear)")
         if input_size is not None:
-            spec = _spec_from_module(module, input_size)
-    param = SpectralNorm(weight, n_power_iterations, dim, eps, mode, spec)
+            spec = _spec_from_module(module, _spatial_size(module, input_size))
+    param = SpectralNorm(weight, n_power_iterations, dim, eps, mode, spec, coeff)
     param._registering = True
     try:
         parametrize.register_parametrization(module, name, param)

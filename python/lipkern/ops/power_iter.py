@@ -31,6 +31,7 @@ from torch import Tensor
 from .. import reference
 from ..backends import load_ext
 from ..layout import Layout, layout_from_meta
+from . import grouped
 
 
 # ---------------------------------------------------------------- launchers
@@ -91,6 +92,8 @@ def _forward_impl(backend, weights, x0, u0, layout, n_iters, eps, tol):
             return v2_conv.forward(weights, x0, u0, layout, n_iters, eps, tol,
                                    backend.partition(":")[2] or "ieee")
         return _triton().forward(weights, x0, u0, layout, n_iters, eps, tol)
+    if backend == "grouped":
+        return grouped.forward(weights, x0, u0, layout, n_iters, eps, tol)
     return _torch_forward(weights, x0, u0, layout, n_iters, eps, tol)
 
 
@@ -102,6 +105,8 @@ def _triton_v2_requested() -> bool:
 def _backward_impl(backend, x, u, sigmas, gs, gl, glog, layout, wdtype):
     if backend.startswith("triton"):  # the v1 backward reads any forward's x and u
         return _triton().backward(x, u, sigmas, gs, gl, glog, layout, wdtype)
+    if backend == "grouped":
+        return grouped.backward(x, u, sigma_coefficients(sigmas, gs, gl, glog), layout, wdtype)
     return _torch_backward(x, u, sigmas, gs, gl, glog, layout, wdtype)
 
 
@@ -169,19 +174,49 @@ def _setup_context(ctx, inputs, output):
     ctx.set_materialize_grads(False)
 
 
-def _backward(ctx, grad_sigmas, grad_lip, grad_log, _gx, _gu):
-    x, u, sigmas = ctx.saved_tensors
-    if ctx.backend is None:
-        packed = torch.ops.lipkern.power_iter_ext_backward(
-            x, u, sigmas, grad_sigmas, grad_lip, grad_log, ctx.meta, ctx.weight_dtype)
-    else:
-        packed = power_iter_backward_op(x, u, sigmas, grad_sigmas, grad_lip, grad_log,
-                                        ctx.meta, ctx.backend, ctx.weight_dtype)
+def _backward_launch(backend, x, u, sigmas, gs, gl, glog, meta, wdtype):
+    """The packed weight gradient from one backward launch of this backend."""
+    if backend is None:
+        return torch.ops.lipkern.power_iter_ext_backward(x, u, sigmas, gs, gl, glog, meta,
+                                                         wdtype)
+    return power_iter_backward_op(x, u, sigmas, gs, gl, glog, meta, backend, wdtype)
+
+
+def unit_sigma_grads(backend, x, u, sigmas, meta, cdtype) -> Tensor:
+    """Packed dsigma_l/dW_l (total_w,) in ``cdtype``: one backward launch with unit
+    coefficients. With x and u held constant sigma_l = <W_l, dsigma_l/dW_l> is linear in W_l,
+    so this is a constant of the graph, and ``coef_l * unit_l`` is the whole weight gradient
+    (the second-order path below, and lipkern.ops.normalize's)."""
+    with torch.no_grad():
+        return _backward_launch(backend, x, u, sigmas.detach(),
+                                torch.ones_like(sigmas, dtype=sigmas.dtype), None, None,
+                                meta, cdtype)
+
+
+def _split(packed: Tensor, shapes) -> list:
     # one split (a C++ call returning every view) instead of a Python slice per layer:
     # measured on an H100 host, 100 slices + views cost ~1.5 ms per backward
-    grads = [g.view(shape) for g, shape in zip(
-        packed.split([math.prod(shape) for shape in ctx.weight_shapes]), ctx.weight_shapes)]
-    return (grads,) + (None,) * (ctx.n_inputs - 1)
+    return [g.view(shape) for g, shape in zip(
+        packed.split([math.prod(shape) for shape in shapes]), shapes)]
+
+
+def _backward(ctx, grad_sigmas, grad_lip, grad_log, _gx, _gu):
+    x, u, sigmas = ctx.saved_tensors
+    if torch.is_grad_enabled():
+        # create_graph=True (gradient penalties): the weight gradient coef_l * dsigma_l/dW_l
+        # as a differentiable torch expression -- dsigma/dW is constant (x, u held constant,
+        # DESIGN's second-order rule) and coef (sigma_coefficients) differentiable in the
+        # sigmas (saved outputs: their graph leads back here) and the upstream gradients
+        unit = unit_sigma_grads(ctx.backend, x, u, sigmas, ctx.meta, sigmas.dtype)
+        coef = sigma_coefficients(sigmas, grad_sigmas, grad_lip, grad_log)
+        sizes = [math.prod(shape) for shape in ctx.weight_shapes]
+        packed = unit * torch.repeat_interleave(
+            coef, torch.tensor(sizes, device=coef.device), output_size=sum(sizes))
+        grads = [g.to(ctx.weight_dtype) for g in _split(packed, ctx.weight_shapes)]
+        return (grads,) + (None,) * (ctx.n_inputs - 1)
+    packed = _backward_launch(ctx.backend, x, u, sigmas, grad_sigmas, grad_lip, grad_log,
+                              ctx.meta, ctx.weight_dtype)
+    return (_split(packed, ctx.weight_shapes),) + (None,) * (ctx.n_inputs - 1)
 
 
 torch.library.register_autograd("lipkern::power_iter", _backward, setup_context=_setup_context)

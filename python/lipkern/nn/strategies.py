@@ -1,0 +1,425 @@
+"""How the layers of a :class:`~lipkern.nn.model.SpectralNormGroup` use their sigmas: one
+small class per strategy, one interface.
+
+Every strategy computes the same function and gradient (spectral_norm's: ``W / sigma`` with
+``sigma = u^T A v``, u and v held constant); they differ in where the work runs. A strategy
+object belongs to one group and holds the state of the forward in progress:
+
+* ``prepare(group, originals, training)``: the model's forward pre-hook, once per model
+  forward; returns the strategy that runs this forward (itself, or another one when it cannot
+  run this one: e.g. "inline" under autocast hands over to "scaled_outputs");
+* ``layer_forward(group, i, module, x)``: layer i's forward;
+* ``weight(group, i, w)``: layer i's normalized weight when something reads
+  ``module.weight`` during the forward (a layer on the division path);
+* ``store(group)``: the model's forward hook (also after an exception): the new vectors into
+  the buffers, per-forward state dropped.
+
+A new strategy is a new class here plus its name in :data:`STRATEGIES`; the group only calls
+the four methods.
+"""
+from __future__ import annotations
+
+from typing import List, Optional
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from ..backends import load_ext, resolve_backend
+from ..layout import PowerIterState
+from ..ops import sn_linear as _sn_linear  # noqa: F401  (registers lipkern::sn_linear's fakes)
+from ..power_iter import fused_normalize
+from .divided_weight import ScaledLayerExact, divided, scale_of, sigma_of
+from .parametrization import _TRANSPOSED, _in_vmap
+from .scaled_layer import ScaledLayer, dense_rank1, operator_rank1
+
+__all__ = ["Strategy", "FusedSigmas", "ScaledOutputs", "FusedWeights", "Inline", "Mixed",
+           "make_strategies", "STRATEGIES", "SCALE_OUTPUTS_BELOW"]
+
+STRATEGIES = ("auto", "mixed", "fused_weights", "scaled_outputs", "inline")
+_SN_LINEAR = torch.ops.lipkern.sn_linear.default if _sn_linear.available() else None
+
+
+def base_forward(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """The layer class's own forward (it reads the parametrized, i.e. divided, weight)."""
+    return type(module).__bases__[0].forward(module, x)
+
+
+def bias(module: nn.Module) -> Optional[torch.Tensor]:
+    b = module._parameters.get("bias", bias)
+    return module.bias if b is bias else b  # not in _parameters: e.g. parametrized itself
+
+
+def divide(weight: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+    """weight / sigma, in float32 for half-precision weights (as spectral_norm does)."""
+    if weight.dtype in (torch.float16, torch.bfloat16):
+        return (weight.float() / sigma.float()).to(weight.dtype)
+    return weight / sigma.to(weight.dtype)
+
+
+def store_state(state: PowerIterState, v: torch.Tensor, u: torch.Tensor) -> None:
+    """A training forward's vectors into the buffers, in place (DDP broadcasts into them),
+    except under vmap, where a batched value cannot go into an unbatched buffer."""
+    if not _in_vmap(state.x):
+        with torch.no_grad():
+            v.copy_(state.x)
+            u.copy_(state.u)
+
+
+class Strategy:
+    """The interface (module docstring). ``name`` is what ``strategy=`` calls it."""
+
+    name = ""
+
+    def applies(self, group, w: torch.Tensor) -> bool:
+        """Whether ``strategy="auto"`` picks this one for weights like ``w``."""
+        return False
+
+    def prepare(self, group, originals: List[torch.Tensor], training: bool) -> "Strategy":
+        raise NotImplementedError
+
+    def layer_forward(self, group, i: int, module: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        return base_forward(module, x)
+
+    def weight(self, group, i: int, w: torch.Tensor) -> torch.Tensor:
+        return group.per_layer(i, w)
+
+    def store(self, group) -> None:
+        pass
+
+
+class FusedSigmas:
+    """One fused call's result, split per layer once (3 ops, not 3 per layer): ``sigmas``
+    (L,), possibly differentiable; ``sigma_list`` (detached 0-d), ``u_list``/``x_list`` (the
+    vectors of sigma = u^T A x)."""
+
+    def __init__(self, group, sigmas: torch.Tensor, state: PowerIterState):
+        lay = group.layout
+        self.sigmas = sigmas
+        group.last_sigmas = sigmas.detach()  # for lipkern.nn.sigmas(model)
+        self.sigma_list = sigmas.detach().unbind(0)
+        self.u_list = state.u.split([g.y_numel for g in lay.geoms])
+        self.x_list = state.x.split([g.x_numel for g in lay.geoms])
+
+
+class ScaledOutputs(Strategy):
+    """One fused call gives every sigma; each layer computes ``layer(x; W) / sigma + b``
+    (:class:`~lipkern.nn.scaled_layer.ScaledLayer`), with the sigma gradient folded into its
+    weight-gradient GEMM. Layers it cannot take (string ``padding='same'``, a transposed
+    conv's ``output_size=``, any layer under autocast) divide their weight by the fused
+    call's sigma instead. Also serves ``cache_eval`` for every strategy that makes a fused
+    call."""
+
+    name = "scaled_outputs"
+
+    def __init__(self):
+        self.cur: Optional[FusedSigmas] = None
+        self.scaled_ok = False  # this forward may use ScaledLayer
+        self._eval_cache = None  # (key, sigmas, state) of cache_eval
+
+    def applies(self, group, w):
+        return True  # the fallback of "auto"
+
+    def eval_cached(self, group, originals, training) -> bool:
+        """Serve an eval forward from cache_eval's sigmas (recomputed when a weight or a
+        vector changed); False where the cache does not apply (and then drop it)."""
+        if training or not group.cache_eval or torch.compiler.is_compiling():
+            self._eval_cache = None
+            return False
+        key = group.cache_key(originals)
+        if self._eval_cache is None or self._eval_cache[0] != key:
+            with torch.no_grad():
+                res = group.run([group.op_weight(i, w) for i, w in enumerate(originals)],
+                                group.v, group.u, group.specs, 0)
+            group.count_call()
+            self._eval_cache = (key, res.sigmas, res.state)
+        self.scaled_ok = not torch.is_autocast_enabled(originals[0].device.type)
+        self.cur = FusedSigmas(group, *self._eval_cache[1:])
+        return True
+
+    def prepare(self, group, originals, training):
+        if self.eval_cached(group, originals, training):
+            return self
+        self.scaled_ok = not torch.is_autocast_enabled(originals[0].device.type)
+        n_iters = group.n_power_iterations if training else 0
+        op_weights = [group.op_weight(i, w) for i, w in enumerate(originals)]
+        # ScaledLayer carries every sigma's gradient itself: the op's own backward (a
+        # weight-sized gradient per layer) is needed only for layers on the division path
+        grad = torch.is_grad_enabled() and not (self.scaled_ok and all(group.fast))
+        with torch.set_grad_enabled(grad):
+            res = group.run(op_weights, group.v, group.u, group.specs, n_iters)
+        group.count_call()
+        if training:
+            store_state(res.state, group.v, group.u)
+        self.cur = FusedSigmas(group, res.sigmas, res.state)
+        return self
+
+    def layer_forward(self, group, i, module, x):
+        conv = group.conv_args[i] if self.scaled_ok else False
+        if conv is False:
+            return base_forward(module, x)  # weight(): W / the fused call's sigma
+        return self.scaled_forward(group, i, module, x, conv)
+
+    def scaled_forward(self, group, i, module, x, conv, exact=False):
+        """``layer(x; W) / s + b`` with s = sigma (or ``max(sigma / coeff, 1)``); ``exact``:
+        a backward that is itself differentiable (ScaledLayerExact)."""
+        cur = self.cur
+        u, v, sigma = cur.u_list[i], cur.x_list[i], cur.sigma_list[i]
+        if group.coeff is not None:
+            # d s / d sigma: 1/coeff above coeff, 0 below (the layer is then W itself);
+            # folded into u, which the rank-one term is linear in
+            u = u * ((sigma > group.coeff).to(u.dtype) / group.coeff)
+            sigma = scale_of(sigma, group.coeff)
+        rank1 = (dense_rank1(u, v, group.dims[i]) if group.specs[i] is None
+                 else operator_rank1(group.layout.geoms[i], u, v))
+        if conv is not None and module.padding_mode != "zeros":
+            x = F.pad(x, module._reversed_padding_repeated_twice, mode=module.padding_mode)
+        w = module.parametrizations.weight.original
+        if exact:
+            geom, ui, xi, matrix = group.layout.geoms[i], cur.u_list[i], cur.x_list[i], \
+                group.specs[i] is None
+
+            def sigma_fn(w):
+                return scale_of(sigma_of(geom, group.op_weight(i, w), ui, xi, matrix),
+                                group.coeff)
+            return ScaledLayerExact.apply(x, w, module.bias, sigma, rank1, conv, sigma_fn)
+        return ScaledLayer.apply(x, w, module.bias, sigma, rank1, conv)
+
+    def weight(self, group, i, w):
+        return divided(w, scale_of(self.cur.sigmas[i], group.coeff))
+
+    def store(self, group):
+        self.cur = None
+
+
+# where "mixed" scales a layer's outputs rather than dividing its weight: output elements per
+# step below this many times the weight's elements (see the rule in Mixed's docstring and
+# bench/NOTES.md, "Issue 16")
+SCALE_OUTPUTS_BELOW = 10.0
+
+
+class Mixed(ScaledOutputs):
+    """Per layer, the cheaper of the two ways to use one fused call's sigmas (the call itself
+    without autograd):
+
+    * divide the weight -- ``W / sigma`` with ``sigma = u^T A(W) x`` recomputed from the
+      call's vectors (:mod:`lipkern.nn.divided_weight`), the layer's own op on it: O(weight)
+      extra work per step, a few weight-sized passes;
+    * scale the outputs -- ``layer(x; W) / sigma + b`` (ScaledLayer): O(output) extra work,
+      a few passes over the activations (and one more activation kept for the backward).
+
+    A conv early in a CNN has a tiny weight and a huge output (SNGAN's first conv: 1.7e3
+    weights, 2e6 outputs at batch 32), a late one the reverse (its 3x3 512x256 weight 1.2e6,
+    output 2.6e5): one rule for all layers loses on one end. The rule, from the measurements
+    in bench/NOTES.md ("Issue 16"): scale the outputs iff
+    ``out_numel < SCALE_OUTPUTS_BELOW * w_numel``, decided per layer and input shape (cached).
+    ``strategy="auto"`` picks it on the CPU for every model but Linear-only ones ("inline").
+    """
+
+    name = "mixed"
+
+    def __init__(self):
+        super().__init__()
+        self.choice: dict = {}  # (layer, input shape) -> scale the outputs?
+        self.scale_below = SCALE_OUTPUTS_BELOW  # the rule's threshold (benchmarks vary it)
+
+    def applies(self, group, w):
+        return w.device.type == "cpu"
+
+    def prepare(self, group, originals, training):
+        if self.eval_cached(group, originals, training):
+            return self
+        self.scaled_ok = not torch.is_autocast_enabled(originals[0].device.type)
+        n_iters = group.n_power_iterations if training else 0
+        op_weights = [group.op_weight(i, w) for i, w in enumerate(originals)]
+        with torch.no_grad():  # every layer takes its sigma gradient itself
+            res = group.run(op_weights, group.v, group.u, group.specs, n_iters)
+        group.count_call()
+        if training:
+            store_state(res.state, group.v, group.u)
+        self.cur = FusedSigmas(group, res.sigmas, res.state)
+        return self
+
+    def scales(self, group, i, x) -> bool:
+        """Whether layer i scales its outputs for inputs shaped like ``x``."""
+        if torch.compiler.is_compiling():  # a pure function of shapes: no dict to guard on
+            return self.rule(group, i, x)
+        key = (i, tuple(x.shape))
+        c = self.choice.get(key)
+        if c is None:
+            c = self.choice[key] = self.rule(group, i, x)
+        return c
+
+    def rule(self, group, i, x) -> bool:
+        return out_numel(group.modules[i], x) < \
+            self.scale_below * group.layout.geoms[i].w_numel
+
+    def layer_forward(self, group, i, module, x):
+        conv = group.conv_args[i] if self.scaled_ok else False
+        if conv is not False and self.scales(group, i, x):
+            # exact second order in eager; a compiled graph's backward refuses double
+            # backward itself (AOTAutograd), and dynamo cannot trace one Function's backward
+            # calling another's
+            return self.scaled_forward(group, i, module, x, conv,
+                                       exact=not torch.compiler.is_compiling())
+        w = self.weight(group, i, module.parametrizations.weight.original)
+        if isinstance(module, nn.Linear):
+            return F.linear(x, w, module.bias)
+        if not isinstance(module, _TRANSPOSED):
+            return module._conv_forward(x, w, module.bias)
+        return base_forward(module, x)  # weight(): the same division
+
+    def weight(self, group, i, w):
+        cur = self.cur
+        with torch.autocast(w.device.type, enabled=False):
+            sigma = sigma_of(group.layout.geoms[i], group.op_weight(i, w), cur.u_list[i],
+                             cur.x_list[i], group.specs[i] is None)
+            return divided(w, scale_of(sigma, group.coeff))
+
+
+def out_numel(module: nn.Module, x: torch.Tensor) -> int:
+    """Elements of the layer's output for input ``x`` (convs: from the stride, ignoring the
+    few rows padding and kernel size add or remove -- a cost estimate, not a shape)."""
+    if isinstance(module, nn.Linear):
+        return x.numel() // max(module.in_features, 1) * module.out_features
+    per_channel = x.numel() // max(module.in_channels, 1)
+    stride = 1
+    for s in module.stride:
+        stride *= s
+    if isinstance(module, _TRANSPOSED):
+        return per_channel * module.out_channels * stride
+    return per_channel * module.out_channels // stride
+
+
+class FusedWeights(Strategy):
+    """The fused call also writes every ``W / sigma`` (:func:`lipkern.fused_normalize`: one
+    launch on the GPU, whose backward is one more), and each layer runs its own op on it: two
+    launches per training step for the whole model, whatever its depth. ``strategy="auto"``
+    picks it where the fused op is the Triton kernel on CUDA tensors."""
+
+    name = "fused_weights"
+
+    def __init__(self, scaled: ScaledOutputs):
+        self.scaled = scaled  # serves cache_eval's eval forwards
+        self.what: Optional[List[torch.Tensor]] = None  # this forward's W_l / sigma_l
+
+    def applies(self, group, w):
+        return w.device.type == "cuda" and \
+            resolve_backend(group.backend, w.device, w.dtype) == "triton"
+
+    def prepare(self, group, originals, training):
+        if self.scaled.eval_cached(group, originals, training):
+            return self.scaled
+        n_iters = group.n_power_iterations if training else 0
+        op_weights = [group.op_weight(i, w) for i, w in enumerate(originals)]
+        # one launch writes every W_l / sigma_l; the layers run their own ops on them
+        res = group.run(op_weights, group.v, group.u, group.specs, n_iters, fused_normalize)
+        group.count_call()
+        if training:
+            store_state(res.state, group.v, group.u)
+        what = res.weights
+        if group.coeff is not None:  # W / sigma * min(sigma, coeff) = W * min(1, coeff/sigma)
+            what = [w * torch.clamp_max(s, group.coeff).to(w.dtype)
+                    for w, s in zip(what, res.sigmas.unbind(0))]
+        group.last_sigmas = res.sigmas.detach()
+        self.what = [w if d == 0 else w.movedim(0, d) for w, d in zip(what, group.dims)]
+        return self
+
+    def layer_forward(self, group, i, module, x):
+        if isinstance(module, nn.Linear):
+            return F.linear(x, self.what[i], module.bias)
+        if not isinstance(module, _TRANSPOSED):
+            return module._conv_forward(x, self.what[i], module.bias)
+        return base_forward(module, x)  # weight(): self.what[i]
+
+    def weight(self, group, i, w):
+        return self.what[i]
+
+    def store(self, group):
+        self.what = None
+
+
+class Inline(Strategy):
+    """No separate call: each layer is one ``lipkern::sn_linear``
+    (:mod:`lipkern.ops.sn_linear`) whose power iteration rides in its own matmul and whose
+    sigma gradient rides in its weight-gradient GEMM. Linear layers in matrix mode, CPU,
+    float32/float64 outside autocast, no ``coeff``, the compiled extension built (else that
+    forward runs "scaled_outputs"). ``strategy="auto"`` picks it for Linear-only models on the CPU with
+    backend "auto" or "cpp"."""
+
+    name = "inline"
+
+    def __init__(self, scaled: ScaledOutputs):
+        self.scaled = scaled
+        self.originals: Optional[List[torch.Tensor]] = None
+        self.n_iters = 0
+        self.pending: dict = {}  # layer -> its new (u, v) in this forward
+        self.sigmas: dict = {}
+
+    def runs(self, group, w) -> bool:
+        """Whether a forward on weights like ``w`` can run inline."""
+        return (group.all_linear and group.coeff is None and w.device.type == "cpu"
+                and w.dtype in (torch.float32, torch.float64)
+                and not torch.is_autocast_enabled(w.device.type) and load_ext() is not None)
+
+    def applies(self, group, w):
+        return group.backend in ("auto", "cpp") and self.runs(group, w)
+
+    def prepare(self, group, originals, training):
+        if not self.runs(group, originals[0]):
+            return self.scaled.prepare(group, originals, training)
+        self.originals = originals
+        self.n_iters = group.n_power_iterations if training else 0
+        self.pending = {}
+        self.sigmas = {}  # layer -> its sigma in this forward (for lipkern.nn.sigmas)
+        return self
+
+    def layer_forward(self, group, i, module, x):
+        w = self.originals[i]
+        if x.dtype != w.dtype or x.device != w.device or _in_vmap(x) or _in_vmap(w):
+            return base_forward(module, x)  # weight(): the per-layer path
+        first = self.pending.get(i)
+        if first is None:
+            (u, v), n_iters = group.views[i], self.n_iters
+        else:  # called again in this forward: normalized once, with its new vectors
+            (u, v), n_iters = first, 0
+        y, sigma, u_new, v_new = _SN_LINEAR(x, w, bias(module), u, v, n_iters, group.eps)
+        if n_iters:
+            self.pending[i] = (u_new, v_new)
+        self.sigmas[i] = sigma
+        return y
+
+    def store(self, group):
+        """The new vectors into the layers' buffers: one ``_foreach_copy_`` per side for the
+        whole model (skipped under vmap, as store_state)."""
+        pending, self.pending = self.pending, {}
+        self.originals = None
+        sig, self.sigmas = self.sigmas, {}
+        if len(sig) == len(group.views):  # every layer ran: this forward's sigmas
+            group.last_sigmas = torch.stack([sig[i] for i in range(len(sig))]).detach()
+        if not pending:
+            return
+        if group.tiled and len(pending) == len(group.views) and \
+                not torch.compiler.is_compiling() and \
+                list(pending) == list(range(len(pending))) and \
+                not any(_in_vmap(uv[0]) for uv in pending.values()):
+            # every layer ran once, in order: two cats and two copies for the whole model
+            # (not under torch.compile: AOTAutograd rejects a write to the base of views that
+            # are graph inputs)
+            with torch.no_grad():
+                group.u.copy_(torch.cat([uv[0] for uv in pending.values()]))
+                group.v.copy_(torch.cat([uv[1] for uv in pending.values()]))
+            return
+        items = [(group.views[i], uv) for i, uv in pending.items() if not _in_vmap(uv[0])]
+        if items:
+            with torch.no_grad():
+                torch._foreach_copy_([b[0] for b, _ in items], [uv[0] for _, uv in items])
+                torch._foreach_copy_([b[1] for b, _ in items], [uv[1] for _, uv in items])
+
+
+def make_strategies() -> dict:
+    """One instance of every strategy for a new group, by name, in the order of ``auto``'s
+    preference (the first whose ``applies`` holds; "scaled_outputs" applies everywhere)."""
+    scaled = ScaledOutputs()
+    return {"fused_weights": FusedWeights(scaled), "inline": Inline(scaled), "mixed": Mixed(),
+            "scaled_outputs": scaled}

@@ -1,0 +1,356 @@
+"""spectral_norm_model on the conv nets people train (issue 16): the "mixed" strategy against
+torch's spectral_norm (values, gradients, two forwards before one backward, a gradient
+penalty), torch.compile graph and recompile counts, and the options research code uses
+(coeff, sigmas, operator state_dict before the first forward, AveragedModel, (C, H, W) input
+sizes, old-API checkpoints)."""
+import copy
+import os
+import sys
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.nn.utils.parametrizations import spectral_norm as torch_sn
+
+import lipkern
+from lipkern.nn import sigmas, spectral_norm_model
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "bench"))
+import models  # noqa: E402
+
+TYPES = (nn.Conv2d, nn.Linear)
+
+
+def _critic(seed=0):
+    """SNGAN's critic at a quarter of its width: early convs with outputs far larger than
+    their weights (divided), late ones the reverse (scaled), at 16x16."""
+    torch.manual_seed(seed)
+    return models.SNGANCritic(ch=8)
+
+
+def _torch_model(base, **kw):
+    m = copy.deepcopy(base)
+    torch.manual_seed(1)
+    for layer in m.modules():
+        if isinstance(layer, TYPES):
+            torch_sn(layer, **kw)
+    return m
+
+
+def _ours(base, **kw):
+    m = copy.deepcopy(base)
+    torch.manual_seed(1)
+    return spectral_norm_model(m, **kw)
+
+
+def _gp_loss(model, x, fake):
+    """WGAN-GP's critic loss: three forwards and a penalty differentiated again."""
+    alpha = torch.linspace(0, 1, x.shape[0]).view(-1, 1, 1, 1)
+    xh = (alpha * x + (1 - alpha) * fake).requires_grad_(True)
+    g, = torch.autograd.grad(model(xh).sum(), xh, create_graph=True)
+    gp = (g.flatten(1).norm(dim=1) - 1).square().mean()
+    return model(fake).mean() - model(x).mean() + 10 * gp
+
+
+def _d_loss(model, x, fake):  # hinge: two forwards before one backward
+    return F.relu(1 - model(x)).mean() + F.relu(1 + model(fake)).mean()
+
+
+def _steps(model, loss_fn, steps=2, seed=3, size=32):
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for _ in range(steps):
+        x = torch.randn(3, 3, size, size, generator=g)
+        fake = torch.randn(3, 3, size, size, generator=g)
+        opt.zero_grad()
+        loss = loss_fn(model, x, fake)
+        loss.backward()
+        out.append((loss.detach(), [p.grad.clone() for p in model.parameters()]))
+        opt.step()
+    return out
+
+
+def _assert_same_steps(got, want, rtol=1e-4, atol=1e-6):
+    for (lg, gg), (lw, gw) in zip(got, want):
+        torch.testing.assert_close(lg, lw, rtol=rtol, atol=atol)
+        for a, b in zip(gg, gw):
+            torch.testing.assert_close(a, b, rtol=rtol, atol=atol)
+
+
+def _vectors(model):
+    return {k: v for k, v in model.state_dict().items() if k.endswith(("_u", "_v"))}
+
+
+# ---------------------------------------------------------------- "mixed" against torch
+@pytest.mark.parametrize("loss_fn", [_d_loss, _gp_loss], ids=["d_step", "gp_step"])
+def test_mixed_default_matches_torch_spectral_norm(loss_fn):
+    base = _critic()
+    ours = _ours(base)
+    group = ours._lipkern_spectral_norm
+    assert group.resolved_strategy() == "mixed"
+    want_m = _torch_model(base)
+    _assert_same_steps(_steps(ours, loss_fn), _steps(want_m, loss_fn))
+    choices = set(group.strategies["mixed"].choice.values())
+    assert choices == {True, False}  # both kinds of layer in this model
+    for k, v in _vectors(want_m).items():
+        torch.testing.assert_close(_vectors(ours)[k], v, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("scale_below", [0.0, float("inf")], ids=["all_divide", "all_scale"])
+def test_mixed_rule_changes_cost_not_result(scale_below):
+    base = _critic()
+    want = _steps(_ours(base), _gp_loss)
+    m = _ours(base, strategy="mixed")
+    m._lipkern_spectral_norm.strategies["mixed"].scale_below = scale_below
+    _assert_same_steps(_steps(m, _gp_loss), want)
+
+
+def test_mixed_second_order_gradgradcheck_float64():
+    """The divided layers' sigma = u^T A(W) x is plain autograd: exact at every order."""
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Conv2d(2, 3, 3, padding=1), nn.Tanh(), nn.Flatten(),
+                      nn.Linear(3 * 4 * 4, 2)).double()
+    spectral_norm_model(m, strategy="mixed")
+    m._lipkern_spectral_norm.strategies["mixed"].scale_below = 0.0  # every layer divides
+    m.eval()  # fixed vectors: a function of the weights alone
+    x = torch.randn(2, 2, 4, 4, dtype=torch.float64)
+    w0 = m[0].parametrizations.weight.original
+
+    def f(w):
+        with torch.no_grad():
+            w0.copy_(w.detach())  # the parametrization reads the original; route w through
+        return torch.func.functional_call(
+            m, {"0.parametrizations.weight.original": w}, (x,))
+    w = w0.detach().clone().requires_grad_(True)
+    assert torch.autograd.gradgradcheck(f, (w,), eps=1e-6, atol=1e-5)
+
+
+def test_resnet_critic_and_wide_resnet_match_torch():
+    torch.manual_seed(0)
+    base = models.ResDiscriminator32(ndf=8)
+    _assert_same_steps(_steps(_ours(base), _d_loss, size=16),
+                       _steps(_torch_model(base), _d_loss, size=16))
+    torch.manual_seed(0)
+    wrn = models.WideResNet(10, 1)
+
+    def clf(model, x, fake):
+        return F.cross_entropy(model(x), torch.tensor([1, 2, 3]))
+    _assert_same_steps(_steps(_ours(wrn), clf), _steps(_torch_model(wrn), clf))
+
+
+# ---------------------------------------------------------------- torch.compile
+def _count_compiles(model, x, calls=4):
+    """(graphs compiled by dynamo, recompilations) over ``calls`` training steps."""
+    from torch._dynamo.utils import counters
+    graphs = []
+
+    def backend(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+    torch._dynamo.reset()
+    counters.clear()
+    compiled = torch.compile(model, backend=backend)
+    for _ in range(calls):
+        compiled(x).square().sum().backward()
+    return len(graphs), sum(counters["recompiles"].values())
+
+
+@pytest.mark.parametrize("strategy", ["auto", "scaled_outputs", "inline"])
+def test_compile_one_graph_no_recompile(strategy):
+    torch.manual_seed(0)
+    if strategy == "inline":
+        if not lipkern.ops.sn_linear.available():
+            pytest.skip("needs the compiled extension")
+        model, x = nn.Sequential(nn.Linear(5, 6), nn.ReLU(), nn.Linear(6, 2)), torch.randn(3, 5)
+    else:
+        model, x = models.SNGANCritic(ch=2), torch.randn(2, 3, 32, 32)
+    spectral_norm_model(model, strategy=strategy)
+    graphs, recompiles = _count_compiles(model, x)
+    assert (graphs, recompiles) == (1, 0)
+
+
+def test_compile_inductor_matches_eager():
+    base = _critic()
+    eager, comp = _ours(base), _ours(base)
+    compiled = torch.compile(comp, backend="inductor")
+    x = torch.randn(2, 3, 32, 32)
+    for _ in range(2):
+        ye, yc = eager(x), compiled(x)
+        torch.testing.assert_close(yc, ye, rtol=1e-4, atol=1e-5)
+        ye.sum().backward()
+        yc.sum().backward()
+    for a, b in zip(comp.parameters(), eager.parameters()):
+        torch.testing.assert_close(a.grad, b.grad, rtol=1e-4, atol=1e-5)
+
+
+# ---------------------------------------------------------------- coeff
+def _soft_reference(base, coeff, x):
+    """W * min(1, coeff / sigma) per layer from torch's spectral_norm's sigma (the same
+    vectors: its normalized weight times sigma gives W back)."""
+    want = _torch_model(base)
+    want(x)  # one training forward: the vectors move as ours do
+    want.eval()
+    ref = copy.deepcopy(base)
+    for (_, lw), (_, lr) in zip(
+            [(n, m) for n, m in want.named_modules() if isinstance(m, TYPES)],
+            [(n, m) for n, m in ref.named_modules() if isinstance(m, TYPES)]):
+        p = lw.parametrizations.weight
+        w = p.original
+        sigma = (w / lw.weight).flatten()[0]
+        lr.weight = nn.Parameter(w * torch.clamp(coeff / sigma, max=1.0))
+    return ref
+
+
+@pytest.mark.parametrize("strategy", ["auto", "scaled_outputs", "mixed"])
+@pytest.mark.parametrize("coeff", [0.5, 3.0])
+def test_coeff_soft_normalization_value_and_gradient(strategy, coeff):
+    base = _critic()
+    x = torch.randn(2, 3, 32, 32)
+    ref = _soft_reference(base, coeff, x)
+    ours = _ours(base, coeff=coeff, strategy=strategy)
+    ours(x)
+    ours.eval()
+    y = ours(x)
+    torch.testing.assert_close(y, ref(x), rtol=1e-4, atol=1e-6)
+    # gradient of the soft-normalized model against autograd through torch's formula
+    want = _torch_model(base)
+    want(x)
+    want.eval()
+    for p in want.modules():
+        if isinstance(p, TYPES):
+            p.parametrizations.weight[0].forward = _soft_forward(p.parametrizations.weight[0],
+                                                                coeff)
+    y.square().sum().backward()
+    want(x).square().sum().backward()
+    for a, b in zip(ours.parameters(), want.parameters()):
+        torch.testing.assert_close(a.grad, b.grad, rtol=1e-4, atol=1e-6)
+
+
+def _soft_forward(param, coeff):
+    plain = param.forward
+
+    def forward(weight):
+        sigma = (weight / plain(weight)).flatten()[0]  # u^T W v, differentiable
+        return weight * torch.clamp(coeff / sigma, max=1.0)
+    return forward
+
+
+def test_coeff_per_layer_and_regimes():
+    torch.manual_seed(0)
+    conv = nn.Conv2d(3, 4, 3)
+    with torch.no_grad():
+        conv.weight.mul_(10)  # sigma well above 1
+    big = lipkern.nn.spectral_norm(copy.deepcopy(conv), coeff=1e6)  # below coeff: unchanged
+    big.eval()
+    torch.testing.assert_close(big.weight, conv.weight)
+    soft = lipkern.nn.spectral_norm(copy.deepcopy(conv), coeff=2.0)
+    soft.eval()
+    s = lipkern.reference.exact_sigma(soft.weight.detach().double().flatten(1))
+    assert abs(s.item() - 2.0) < 0.05  # 15 warm-up iterations: an estimate close to 2
+    with pytest.raises(ValueError, match="coeff"):
+        lipkern.nn.spectral_norm(nn.Linear(2, 2), coeff=0)
+    with pytest.raises(ValueError, match="coeff"):
+        spectral_norm_model(nn.Linear(2, 2), coeff=-1.0)
+
+
+# ---------------------------------------------------------------- sigmas(model)
+def test_sigmas_for_logging_without_recompute():
+    base = _critic()
+    ours, want = _ours(base), _torch_model(base)
+    x = torch.randn(2, 3, 32, 32)
+    ours(x)
+    want(x)
+    group = ours._lipkern_spectral_norm
+    calls = group.calls
+    got = sigmas(ours)
+    assert group.calls == calls  # nothing recomputed
+    want.eval()  # reading torch's weights in eval: the sigma of the same vectors, no update
+    assert list(got) == [n for n, m in base.named_modules() if isinstance(m, TYPES)]
+    for name, m in want.named_modules():
+        if isinstance(m, TYPES):
+            want_sigma = (m.parametrizations.weight.original / m.weight).flatten()[0]
+            torch.testing.assert_close(got[name], want_sigma.detach(), rtol=1e-4, atol=1e-6)
+    with pytest.raises(ValueError, match="no spectral_norm_model"):
+        sigmas(nn.Linear(2, 2))
+
+
+# ---------------------------------------------------------------- checkpoints
+def test_operator_layer_loads_state_dict_before_first_forward():
+    torch.manual_seed(0)
+    trained = lipkern.nn.spectral_norm(nn.Conv2d(3, 4, 3, padding=1), mode="operator")
+    x = torch.randn(2, 3, 8, 8)
+    trained(x)
+    fresh = lipkern.nn.spectral_norm(nn.Conv2d(3, 4, 3, padding=1), mode="operator")
+    fresh.load_state_dict(trained.state_dict())  # before any forward: no size mismatch
+    trained.eval()
+    fresh.eval()
+    torch.testing.assert_close(fresh(x), trained(x))
+    wrong = lipkern.nn.spectral_norm(nn.Conv2d(3, 4, 3, padding=1), mode="operator")
+    wrong.load_state_dict(trained.state_dict())
+    with pytest.raises(ValueError, match="do not fit input size"):
+        wrong(torch.randn(1, 3, 6, 6))
+
+
+def test_input_size_as_channels_height_width():
+    torch.manual_seed(0)
+    conv = nn.Conv2d(3, 4, 3, padding=1)
+    a = lipkern.nn.spectral_norm(copy.deepcopy(conv), mode="operator", input_size=(3, 8, 8))
+    b = lipkern.nn.spectral_norm(copy.deepcopy(conv), mode="operator", input_size=(8, 8))
+    assert a.parametrizations.weight[0].spec == b.parametrizations.weight[0].spec
+    with pytest.raises(ValueError, match=r"\(C, H, W\).*3 input channels"):
+        lipkern.nn.spectral_norm(copy.deepcopy(conv), mode="operator", input_size=(4, 8, 8))
+    with pytest.raises(ValueError, match="input_size must be"):
+        lipkern.nn.spectral_norm(copy.deepcopy(conv), mode="operator", input_size=(1, 3, 8, 8))
+
+
+def test_averaged_model_renormalizes_averaged_vectors():
+    """swa_utils.AveragedModel(use_buffers=True) averages u and v too: no longer unit
+    vectors. The averaged model divides by u^T W v of the renormalized averages."""
+    from torch.optim.swa_utils import AveragedModel
+    base = _critic()
+    model = _ours(base)
+    avg = AveragedModel(model, use_buffers=True)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    for s in range(3):
+        x = torch.randn(2, 3, 32, 32)
+        opt.zero_grad()
+        model(x).square().mean().backward()
+        opt.step()
+        avg.update_parameters(model)
+    state = avg.module.state_dict()
+    assert any(abs(v.norm().item() - 1) > 1e-4 for k, v in state.items()
+               if k.endswith("_u"))  # the averages are not unit vectors
+    avg.eval()
+    x = torch.randn(2, 3, 32, 32)
+    got = avg(x)
+    # the same model from scratch with the averaged weights and renormalized vectors
+    ref = _ours(base)
+    ref.load_state_dict({k: F.normalize(v, dim=0) if k.endswith(("_u", "_v")) else v
+                         for k, v in state.items()})
+    ref.eval()
+    torch.testing.assert_close(got, ref(x), rtol=1e-5, atol=1e-6)
+
+
+def test_old_api_checkpoint_loader():
+    base = _critic()
+    old = copy.deepcopy(base)
+    for m in old.modules():
+        if isinstance(m, TYPES):
+            torch.nn.utils.spectral_norm(m)  # the old API: weight_orig, weight_u, weight_v
+    opt = torch.optim.SGD(old.parameters(), lr=0.1)
+    for _ in range(2):
+        opt.zero_grad()
+        old(torch.randn(2, 3, 32, 32)).square().mean().backward()
+        opt.step()
+    sd = old.state_dict()
+    assert any(k.endswith("weight_orig") for k in sd)
+    new = _ours(base)
+    with pytest.raises(RuntimeError):
+        new.load_state_dict(sd)  # the keys differ
+    lipkern.nn.load_old_spectral_norm(new, sd)
+    old.eval()
+    new.eval()
+    x = torch.randn(2, 3, 32, 32)
+    torch.testing.assert_close(new(x), old(x), rtol=1e-4, atol=1e-6)
