@@ -486,47 +486,54 @@ def _layer_steps(l, g, row, w_ptr, x0_ptr, u0_ptr, x_ptr, u_ptr, xs_ptr, ys_ptr,
             i_g = tl.arange(0, GMAX)
             wmax = tl.max(tl.load(part + S_WMAX * GMAX + i_g, mask=i_g < G, other=0.0), axis=0)
             f = tl.maximum(eps * tl.minimum(wmax, 1.0), TINY)
+            # Stored vectors are images of UNIT vectors divided by ws = max|W| (1 for a zero
+            # or non-finite W): of size sigma/max|W|, between ~1 and ~sqrt(K) whatever the
+            # weights' scale. Each phase then multiplies by sigma (not sigma^2) before its
+            # epilogue scale, so folding the normalization into the epilogue cannot overflow
+            # or underflow float32 for sigma in 1e-30..1e30 (N2; tested). True norms are
+            # stored norms * ws.
+            ws = tl.where((wmax >= TINY) & (wmax < float("inf")), wmax, 1.0)
             x_fb, nx0 = _start(part, S_X0, S_XF, G, GMAX)
-            x_in = tl.where(x_fb, xf, xs)     # step 1's x: the start vector (packed)
+            x_in = tl.where(x_fb, xf, xs)     # step 1's x: the start vector (packed, raw)
             last = s == n_steps - 1
             adj = (s % 2) == 0                # AT phase (even steps)
             eval_dot = (n_iters == 0) & SN_VARIANT  # spectral_norm eval: <x0, A^T u0>
             adj = adj | eval_dot
-            n1 = _norm_parts(p1, G, GMAX)    # ||output of step s-1|| (float64)
+            n1 = _norm_parts(p1, G, GMAX) * ws   # true norm of step s-1's output (float64)
             # tol (power variant): iteration k = s/2 - 1 > 0 compares ||A x|| of steps s-1
             # and s-3; on a stop ys = A x for the x kept: finalize now, idle to the end
             stop = adj & (tol >= 0) & (s >= 4) & (not SN_VARIANT)
             if stop:
-                stop = tl.abs(n1 - _norm_parts(p3, G, GMAX)) <= tol * n1
+                stop = tl.abs(n1 - _norm_parts(p3, G, GMAX) * ws) <= tol * n1
             if last | stop:
-                # x: xs / max(||xs||, f) after an AT step, the start vector without one
+                # x: A^T u normalized after an AT step; the start vector without one
                 xb = tl.where(n_steps == 3, x_in, xs)
                 p_x = p1 if SN_VARIANT else p2  # the step that wrote xs
-                nxb = tl.where(n_steps == 3, tl.maximum(nx0, eps),
-                               tl.maximum(_norm_parts(p_x, G, GMAX), f))
+                inv_x = tl.where(n_steps == 3, 1.0 / tl.maximum(nx0, eps),
+                                 ws / tl.maximum(_norm_parts(p_x, G, GMAX) * ws, f))
                 if SN_VARIANT:
                     if n_iters == 0:  # sigma = <x0, A^T u0> / (max(|x0|, eps) max(|u0|, eps))
                         u_fb, nu0 = _start(part, S_U0, S_UF, G, GMAX)
                         yb = tl.where(u_fb, uf, ys)
-                        du = tl.maximum(nu0, eps)
-                        sigma = _sum_parts(p1, G, GMAX) / (tl.maximum(nx0, eps) * du)
-                    else:             # sigma = u^T A x = ||xs|| * ||xs|| / max(||xs||, f)
+                        inv_u = 1.0 / tl.maximum(nu0, eps)
+                        sigma = _sum_parts(p1, G, GMAX) * inv_u / tl.maximum(nx0, eps)
+                    else:             # sigma = u^T A x = ||A^T u|| * ||A^T u|| / max(., f)
                         yb = ys
-                        du = tl.maximum(_norm_parts(p2, G, GMAX), f)
+                        inv_u = ws / tl.maximum(_norm_parts(p2, G, GMAX) * ws, f)
                         sigma = n1 * (n1 / tl.maximum(n1, f))
                 else:
                     yb = ys
                     sigma = n1
-                    du = tl.maximum(n1, f)
+                    inv_u = ws / tl.maximum(n1, f)
                 _finalize(xb, yb, x_ptr + x_off, u_ptr + y_off, sig_ptr + l,
-                          sigma.to(tl.float32), (1.0 / nxb).to(tl.float32),
-                          (1.0 / du).to(tl.float32), g, G, GEOM, BLOCK_E)
+                          sigma.to(tl.float32), inv_x.to(tl.float32), inv_u.to(tl.float32), g,
+                          G, GEOM, BLOCK_E)
                 if stop & (g == 0):
                     tl.store(done_ptr, 1)
             else:
-                # A phase: ys = A x / max(||x||, .) (eps for the start vector at step 1, f
-                # after); AT phase (N2): xs = A^T (ys / max(||ys||, f)), i.e. A^T of the unit
-                # vector; eval: <x0, A^T u0> from the packed (or fallback) vectors, no store
+                # A phase: ys = A (x / max(||x||, .)) / ws (eps for the start vector at step
+                # 1, f after); AT phase (N2): xs = A^T (y / max(||y||, f)) / ws; eval:
+                # <x0, A^T u0> from the packed (or fallback) raw vectors, nothing stored
                 if adj:
                     u_fb, _ = _start(part, S_U0, S_UF, G, GMAX)
                     src = tl.where(eval_dot & u_fb, uf, ys)
@@ -536,7 +543,7 @@ def _layer_steps(l, g, row, w_ptr, x0_ptr, u0_ptr, x_ptr, u_ptr, xs_ptr, ys_ptr,
                                eval_dot.to(tl.int32), True, GEOM, PREC, ROUND)
                 else:
                     src = tl.where(s == 1, x_in, xs)
-                    scale = tl.where(s == 1, 1.0 / tl.maximum(nx0, eps),
+                    scale = tl.where(s == 1, 1.0 / (tl.maximum(nx0, eps) * ws),
                                      1.0 / tl.maximum(n1, f))
                     r = _apply(src, ys, wc, wt, g, G, scale.to(tl.float32), 0, False, GEOM,
                                PREC, ROUND)
