@@ -72,8 +72,8 @@ print(\"torch\", torch.__version__, \"cuda\", torch.version.cuda, \"triton\", tr
         stage v2_check_dry 600 $PY bench/gpu_v2_check.py --dry-run --out "$OUT"
       else
         stage v2_aot 240 env -u TRITON_INTERPRET $PY -m lipkern.triton_kernels.v2_aot --cap 90
-        stage v2_tests 240 $PY -m pytest -q -p no:cacheprovider tests/test_triton_v2_static.py \
-          -k "not compiles and not ptx and not 16_byte"
+        stage v2_tests 300 $PY -m pytest -q -p no:cacheprovider tests/test_triton_v2_gpu.py \
+          tests/test_triton_v2_static.py -k "not compiles and not ptx and not 16_byte"
         stage v2_check 300 $PY bench/gpu_v2_check.py --out "$OUT" --reps 20 --warmup 3
         stage v2_sanitize 180 compute-sanitizer --tool memcheck --error-exitcode 9 \
           $PY bench/gpu_v2_check.py --out "$OUT/sanitize" --reps 1 --warmup 0 --workloads toy

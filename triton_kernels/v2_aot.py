@@ -21,7 +21,8 @@ import time
 
 SIGNATURE = dict(lt_ptr="*i64", prog_ptr="*i32", wptr_ptr="*i64", x0_ptr="*fp32",
                  u0_ptr="*fp32", x_ptr="*fp32", u_ptr="*fp32", xs_ptr="*fp32", ys_ptr="*fp32",
-                 wc_ptr="*fp32", wt_ptr="*fp32", part_ptr="*fp32", ctl_ptr="*i32",
+                 xf_ptr="*fp32", uf_ptr="*fp32",
+                 wc_ptr="*fp32", wt_ptr="*fp32", part_ptr="*fp64", ctl_ptr="*i32",
                  sig_ptr="*fp32", lip_ptr="*fp32", loglip_ptr="*fp32", L="i32",
                  n_programs="i32", step_lo="i32", step_hi="i32", n_steps="i32", n_iters="i32",
                  eps="fp32", tol="fp32")

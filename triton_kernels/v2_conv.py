@@ -687,6 +687,8 @@ def forward(weights, x0, u0, layout, n_iters: int, eps: float, tol: float,
     if precision not in PRECISIONS:
         raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
     device = x0.device
+    x0 = x0.contiguous()  # no-ops from fused_power_iter (its _prepare already did this)
+    u0 = None if u0 is None else u0.contiguous()
     plan, tab = plan_for(layout.meta, device, mode, programs_per_layer, block_p)
     if v2_plan.LOG.isEnabledFor(logging.DEBUG):
         v2_plan.LOG.debug(v2_plan.describe(plan) + f", precision {precision}")
