@@ -4,16 +4,25 @@ shape class (:mod:`.v2_plan`), implicit-GEMM tiles, one kernel code in two modes
 Steps of one call (power variant, ``n_steps = 2 n_iters + 3``)::
 
     0            pack: W -> Wc[tap][co][ci] and Wt[tap][ci][co] (K-contiguous, zero-padded
-                 channels), x0 (CHW) -> xs (HWC); partial sums of squares of x0
-    2k+1         A phase:  ys = A xs / max(||xs||, eps)    (normalization folded in here)
-    2k+2         AT phase: xs = A^T ys; the tol test of iteration k > 0
+                 channels) and partial max|W|; x0 (CHW) -> xs (HWC) and the fallback vector
+                 -> xf, with partial sums of squares of both
+    2k+1         A phase:  ys = A x / ws, x = x0 / max(||x0||, eps) at step 1 (xf if x0 is
+                 all zero or not finite), x = xs / max(||xs|| ws, f) after
+    2k+2         AT phase: xs = A^T (y / max(||y||, f)) / ws; the tol test of iteration k > 0
     2 n_iters+1  the final A phase
-    n_steps-1    finalize: sigma = ||ys||, u = ys / max(sigma, eps), x = xs / max(||xs||, eps)
-                 written in the public CHW layout; the last program writes the product
+    n_steps-1    finalize: sigma = ||A x||, u = A x / max(sigma, f), x, in the public CHW
+                 layout; the last program writes the product
 
-``variant="spectral_norm"`` (``n_steps = 2 n_iters + 2``): the AT phase scales by
-1/max(||ys||, eps), and finalize takes sigma = ||xs||^2 / max(||xs||, eps) (= u^T A x, see
-v1's ``_iterate_sn``); with ``n_iters = 0`` step 1 is ``<xs, A^T ys>`` without a store.
+(the numeric contract of lipkern.reference: ``f = max(eps min(1, max|W|), tiny)``, one
+normalization per half-step, float64 sums of squares, the fallback start vector, NaN logs as
+NaN). The normalizations are folded into the epilogue scale of the next phase (C is linear):
+no separate norm or scale passes. Stored vectors are images of unit vectors divided by
+``ws = max|W|``, so every phase multiplies a vector of size ~1 by the weights before that
+scale: nothing of size sigma^2 is formed, for sigma in 1e-30..1e30.
+
+``variant="spectral_norm"`` (``n_steps = 2 n_iters + 2``): no final A phase; finalize takes
+sigma = ||A^T u||^2 / max(||A^T u||, f) (= u^T A x, see v1's ``_iterate_sn``); with
+``n_iters = 0`` step 1 is ``<x0, A^T u0>`` without a store (torch's eval mode).
 
 **Modes.** GPU (``USE_BARRIER``): one launch over all steps; the G programs of a layer meet in
 a per-layer group barrier after every step (never grid-wide); the launch is cooperative and
@@ -36,8 +45,14 @@ from the fp32 accumulators. The interpreter ignores ``input_precision``.
 """
 from __future__ import annotations
 
+import functools
+import logging
+
+import torch
 import triton
 import triton.language as tl
+
+from . import v2_plan
 
 # per-layer table (int64, LT_WIDTH per layer)
 (LT_CLS, LT_G, LT_XOFF, LT_YOFF, LT_XS, LT_YS, LT_WP, LT_PART) = (
@@ -447,7 +462,8 @@ def _apply(src, dst, wc, wt, g, G, scale, DOT, ADJ: tl.constexpr, GEOM: tl.const
 
 @triton.jit
 def _layer_steps(l, g, row, w_ptr, x0_ptr, u0_ptr, x_ptr, u_ptr, xs_ptr, ys_ptr, xf_ptr, uf_ptr,
-                 wc_ptr, wt_ptr, part_ptr, ctl_ptr, sig_ptr, step_lo, step_hi, n_steps, n_iters, eps, tol,
+                 wc_ptr, wt_ptr, part_ptr, ctl_ptr, sig_ptr, step_lo, step_hi, n_steps, n_iters,
+                 eps, tol,
                  GEOM: tl.constexpr, SN_VARIANT: tl.constexpr, PREC: tl.constexpr,
                  GMAX: tl.constexpr, BLOCK_E: tl.constexpr, USE_BARRIER: tl.constexpr,
                  SPIN_LIMIT: tl.constexpr):
@@ -568,7 +584,8 @@ def conv_v2_fwd_kernel(
     """Program pid is member g of layer l (prog table); runs steps [step_lo, step_hi).
 
     lt: (L, LT_W) int64 layer table (class, G, offsets); prog: (n_programs, 2) int32 (layer,
-    member); wptr: (L,) int64 weight addresses; x0/x: packed (total_x,) fp32 start/result; u0/u: (total_y,);
+    member); wptr: (L,) int64 weight addresses; x0/x: packed (total_x,) fp32 start/result;
+    u0/u: (total_y,);
     xs/ys/wc/wt: fp32 scratch (HWC vectors, packed weights); part: fp32 partials
     (layer, RING, GMAX); ctl: int32 control words (zero on entry of step 0); sig: (L,);
     lip/loglip: () written by the last program of the final step."""
@@ -581,9 +598,9 @@ def conv_v2_fwd_kernel(
     for c in tl.static_range(NCLS):
         if cls == c:
             _layer_steps(l, g, row, w_ptr, x0_ptr, u0_ptr, x_ptr, u_ptr, xs_ptr, ys_ptr, xf_ptr,
-                         uf_ptr, wc_ptr, wt_ptr, part_ptr, ctl_ptr, sig_ptr, step_lo, step_hi, n_steps,
-                         n_iters, eps, tol, CLASSES[c], SN_VARIANT, PREC, GMAX, BLOCK_E,
-                         USE_BARRIER, SPIN_LIMIT)
+                         uf_ptr, wc_ptr, wt_ptr, part_ptr, ctl_ptr, sig_ptr, step_lo, step_hi,
+                         n_steps, n_iters, eps, tol, CLASSES[c], SN_VARIANT, PREC, GMAX,
+                         BLOCK_E, USE_BARRIER, SPIN_LIMIT)
     if step_hi == n_steps:
         # the network bound, by whichever program finishes the final step last
         tl.debug_barrier()
@@ -604,13 +621,6 @@ def _mul(a, b):
 
 
 # ---------------------------------------------------------------- launcher
-import functools  # noqa: E402  (launcher section: host code below the kernels)
-import logging  # noqa: E402
-
-import torch  # noqa: E402
-
-from . import v2_plan  # noqa: E402
-
 _TL_DTYPES = {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}
 PRECISIONS = ("ieee", "tf32x3", "tf32")
 BLOCK_E = 256  # elementwise passes (pack, unpack): 2 elements per thread with 4 warps
