@@ -18,7 +18,14 @@ OUT=${OUT:-bench/results/gpu-$(date +%Y%m%d)}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
 PY=${PYTHON:-python3}
-STAGES=${*:-env build test sanitize bench sn}
+DRY=0
+if [ "${1:-}" = "--dry-run" ]; then  # the plumbing on a CPU: v2 stages under the interpreter
+  DRY=1
+  shift
+  export TRITON_INTERPRET=1
+fi
+STAGES=${*:-env build test sanitize bench sn v2}
+[ $DRY = 1 ] && STAGES=${*:-v2}
 SUMMARY=()
 
 stage() {  # stage NAME TIMEOUT_S CMD...: run, log to $OUT/NAME.log, record the outcome
@@ -79,6 +86,26 @@ print(\"torch\", torch.__version__, \"cuda\", torch.version.cuda, \"triton\", tr
       stage i14_sn_graph 120 $PY bench/bench_spectral_norm.py --workload mlp --no-deel \
         --reps 30 --warmup 5 --graph --out "$OUT/spectral_norm.jsonl"
       stage i14_host 60 $PY bench/bench_host_time.py --device cuda --reps 100 ;;
+    v2)
+      # issue 13: Triton v2 (opt-in). AOT compile with register/spill/PTX checks, the step-mode
+      # tests, then the device checks and kernel times (bench/gpu_v2_check.py: persistent
+      # barrier path with several programs per layer, every precision vs fp64, hang guard,
+      # launch counts, toy/resnet18/sngan v1 vs v2 vs grouped), compute-sanitizer on a small
+      # case; the fwd+bwd tables with v2 switched on. A hang is cut by `timeout`.
+      if [ $DRY = 1 ]; then
+        stage v2_check_dry 600 $PY bench/gpu_v2_check.py --dry-run --out "$OUT"
+      else
+        stage v2_aot 240 env -u TRITON_INTERPRET $PY -m lipkern.triton_kernels.v2_aot --cap 90
+        stage v2_tests 300 $PY -m pytest -q -p no:cacheprovider tests/test_triton_v2_gpu.py \
+          tests/test_triton_v2_static.py -k "not compiles and not ptx and not 16_byte"
+        stage v2_check 300 $PY bench/gpu_v2_check.py --out "$OUT" --reps 20 --warmup 3
+        stage v2_sanitize 180 compute-sanitizer --tool memcheck --error-exitcode 9 \
+          $PY bench/gpu_v2_check.py --out "$OUT/sanitize" --reps 1 --warmup 0 --workloads toy
+        for w in toy resnet18; do
+          stage "v2_bench_$w" 180 env LIPKERN_TRITON_V2=1 $PY bench/bench_power_iter.py \
+            --workload "$w" --mode both --reps 20 --warmup 3 --out "$OUT/power_iter_v2.jsonl"
+        done
+      fi ;;
     *) echo "unknown stage $s" ;;
   esac
 done

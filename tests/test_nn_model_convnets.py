@@ -98,6 +98,13 @@ def test_mixed_default_matches_torch_spectral_norm(loss_fn):
         torch.testing.assert_close(_vectors(ours)[k], v, rtol=1e-4, atol=1e-6)
 
 
+def test_scaled_outputs_gradient_penalty_matches_torch():
+    """strategy="scaled_outputs" under create_graph: ScaledLayerExact's second backward."""
+    base = _critic()
+    _assert_same_steps(_steps(_ours(base, strategy="scaled_outputs"), _gp_loss),
+                       _steps(_torch_model(base), _gp_loss))
+
+
 @pytest.mark.parametrize("scale_below", [0.0, float("inf")], ids=["all_divide", "all_scale"])
 def test_mixed_rule_changes_cost_not_result(scale_below):
     base = _critic()

@@ -165,3 +165,115 @@ def test_strided_and_expanded_states(backend):
                                                state.meta)
                 want = ref.power_iter(ws, specs, state=dense, **kw)
                 torch.testing.assert_close(r.sigmas, want.sigmas, rtol=2e-5, atol=0)
+
+
+# ---------------------------------------------------------------- operator-mode input sizes
+import torch.nn as nn  # noqa: E402
+
+from lipkern.layout import layout_for  # noqa: E402
+
+
+def _conv(seed=0, **kw):
+    torch.manual_seed(seed)
+    return nn.Conv2d(3, 4, 3, padding=1, **kw)
+
+
+def _operator_sigma(module, size):
+    spec = lipkern.ConvSpec(size, padding=module.padding)
+    return float(ref.exact_sigma(module.weight, spec))
+
+
+@pytest.mark.parametrize("batched", [True, False])
+def test_operator_mode_captures_the_input_size(batched):
+    """The issue: a first unbatched (C, H, W) input captured (1, W), and the '1-Lipschitz'
+    layer had operator norm 1.94."""
+    m = lipkern.nn.spectral_norm(_conv(), mode="operator", n_power_iterations=40)
+    x = torch.randn(2, 3, 6, 5) if batched else torch.randn(3, 6, 5)
+    m(x)
+    assert tuple(m.parametrizations.weight[0].spec.input_size) == (6, 5)
+    assert _operator_sigma(m, (6, 5)) == pytest.approx(1, rel=1e-3)
+
+
+def test_operator_mode_refuses_or_recomputes_other_sizes():
+    m = lipkern.nn.spectral_norm(_conv(), mode="operator", input_size=(6, 5))
+    m(torch.randn(2, 3, 6, 5))
+    with pytest.raises(ValueError, match="other_sizes='recompute'"):
+        m(torch.randn(2, 3, 7, 7))
+    with pytest.raises(ValueError, match="spatial size"):
+        m(torch.randn(3, 8, 8))
+    r = lipkern.nn.spectral_norm(_conv(), mode="operator", input_size=(6, 5),
+                                 other_sizes="recompute", n_power_iterations=30)
+    v_before = r.parametrizations.weight[0]._v.clone()
+    x = torch.randn(2, 3, 7, 7)
+    r(x)
+    r.eval()  # no update: the weight read below is the one the forward used
+    out = r(x)
+    p = r.parametrizations.weight[0]
+    w77 = p._forward_other_size(r.parametrizations.weight.original, (7, 7),
+                                lipkern.ConvSpec((7, 7), padding=1))
+    assert float(ref.exact_sigma(w77, lipkern.ConvSpec((7, 7), padding=1))) == \
+        pytest.approx(1, rel=1e-3)
+    torch.testing.assert_close(out, nn.functional.conv2d(x, w77, r.bias, padding=1))
+    torch.testing.assert_close(p._v, v_before)  # the registered size's state untouched
+    r.train()
+    r(torch.randn(1, 3, 6, 5))
+    assert _operator_sigma(r, (6, 5)) == pytest.approx(1, rel=1e-2)
+    with pytest.raises(ValueError, match="other_sizes"):
+        lipkern.nn.spectral_norm(_conv(), mode="operator", other_sizes="resize")
+
+
+def test_operator_mode_whole_model_sizes():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), nn.Conv2d(4, 2, 3))
+    lipkern.nn.spectral_norm_model(model, torch.randn(3, 6, 5), mode="operator")  # unbatched
+    group = model[0].parametrizations.weight[0].group
+    assert [tuple(s.input_size) for s in group.specs] == [(6, 5), (6, 5)]
+    assert model(torch.randn(3, 6, 5)).shape == (2, 4, 3)
+    with pytest.raises(ValueError, match="spatial size"):
+        model(torch.randn(1, 3, 7, 7))
+
+
+@pytest.mark.parametrize("spec", [lipkern.ConvSpec((5, 9)), lipkern.ConvSpec(9, stride=(2, 1)),
+                                  lipkern.ConvSpec(9, dilation=(2, 1)),
+                                  lipkern.ConvSpec(9, padding=(1, 0))])
+def test_conv1d_spec_with_a_first_entry_raises(spec):
+    with pytest.raises(ValueError, match="Conv1d kernel"):
+        lipkern.fused_power_iter([torch.randn(4, 3, 3)], [spec])
+
+
+# ---------------------------------------------------------------- smaller ones
+def test_names_as_one_string():
+    torch.manual_seed(0)
+    layers = [nn.Linear(4, 4) if i in (0, 2, 20) else nn.Identity() for i in range(21)]
+    model = nn.Sequential(*layers)
+    lipkern.nn.spectral_norm_model(model, names="20", strategy="scaled_outputs")
+    done = [i for i in (0, 2, 20)
+            if torch.nn.utils.parametrize.is_parametrized(model[i], "weight")]
+    assert done == [20]
+
+
+def test_sn_linear_without_features_raises():
+    if lipkern.backends.load_ext() is None:
+        pytest.skip("lipkern._C not built")
+    from lipkern.ops.sn_linear import sn_linear
+    with pytest.raises(ValueError, match="empty"):
+        sn_linear(torch.randn(3, 0), torch.randn(4, 0), None, torch.randn(4), torch.randn(0))
+
+
+@pytest.mark.parametrize("backend", ["cpp", "torch"])
+def test_ops_refuse_an_inconsistent_layer_table(backend):
+    """The internal ops validate the table against their tensors (the C++ op segfaulted)."""
+    _skip_unavailable(backend)
+    ws = [torch.randn(4, 3, 3, 3)]
+    lay = layout_for(((4, 3, 3, 3),), (lipkern.ConvSpec(5, padding=1),))
+    x0 = torch.randn(lay.total_x)
+    call = (lambda m, x: torch.ops.lipkern.power_iter_ext(ws, x, None, m, 2, 1e-12, -1.0)) \
+        if backend == "cpp" else \
+        (lambda m, x: torch.ops.lipkern.power_iter(ws, x, None, m, 2, 1e-12, -1.0, "torch"))
+    for field, value in ((7, 50), (1, 1000), (4, 9)):  # oh, x_off, h
+        bad = list(lay.meta)
+        bad[field] = value
+        with pytest.raises((ValueError, RuntimeError)):
+            call(bad, x0)
+    with pytest.raises((ValueError, RuntimeError)):
+        call(list(lay.meta), x0[:-3])  # x0 shorter than the table says

@@ -519,6 +519,13 @@ at::Tensor power_iter_backward_cpu(const at::Tensor& x_in, const at::Tensor& u_i
   const at::Tensor x = x_in.contiguous(), u = u_in.contiguous(),
                    sig = sig_in.to(cdtype).contiguous();
   TORCH_CHECK(sig.numel() == L, "lipkern: sigmas must have one entry per layer");
+  int64_t total_x = 0, total_y = 0;
+  for (const auto& g : geoms) {
+    total_x += g.x_numel();
+    total_y += g.y_numel();
+  }
+  TORCH_CHECK(x.numel() == total_x && u.numel() == total_y, "lipkern: x / u must have ",
+              total_x, " / ", total_y, " elements, got ", x.numel(), " / ", u.numel());
   int64_t total_w = 0;
   for (const auto& g : geoms) total_w += g.w_numel();
   at::Tensor grad = at::empty({total_w}, x.options());

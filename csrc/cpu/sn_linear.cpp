@@ -83,6 +83,8 @@ void check_forward(const Tensor& x, const Tensor& w, const std::optional<Tensor>
                    const Tensor& u, const Tensor& v, int64_t n_iters) {
   TORCH_CHECK(w.dim() == 2, "lipkern::sn_linear: weight must be 2-D (out, in), got ", w.dim(),
               "-D");
+  TORCH_CHECK(w.size(0) > 0 && w.size(1) > 0, "lipkern::sn_linear: weight is empty (",
+              w.sizes(), "): no spectral norm to divide by");
   const auto dt = w.scalar_type();
   TORCH_CHECK(dt == at::kFloat || dt == at::kDouble,
               "lipkern::sn_linear: weight must be float32 or float64, got ", dt);

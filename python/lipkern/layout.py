@@ -99,6 +99,24 @@ def layout_from_meta(meta: Tuple[int, ...]) -> Layout:
     return _memo(_BY_META, meta, lambda: _from_meta(meta))
 
 
+def check_op_inputs(layout: Layout, weights, x, u) -> None:
+    """The registered ops' own cheap check (they can be called directly, past
+    lipkern.validate): the tensors must fit the layer table, or a kernel would read past
+    them. ``weights`` None skips the weights (the backward)."""
+    if weights is not None:
+        if len(weights) != layout.num_layers:
+            raise ValueError(f"weights: {len(weights)} tensors for a table of "
+                             f"{layout.num_layers} layers")
+        for i, (w, g) in enumerate(zip(weights, layout.geoms)):
+            if w.numel() != g.w_numel:
+                raise ValueError(f"weights[{i}] has {w.numel()} elements, the table says "
+                                 f"{g.w_numel}")
+    if x.numel() != layout.total_x:
+        raise ValueError(f"x0: {x.numel()} elements, the table needs {layout.total_x}")
+    if u is not None and u.numel() != layout.total_y:
+        raise ValueError(f"u0: {u.numel()} elements, the table needs {layout.total_y}")
+
+
 @dataclass(frozen=True)
 class PowerIterState:
     """Warm-start state: the packed unit vectors of the last call (detached).

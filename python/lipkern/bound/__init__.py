@@ -127,8 +127,13 @@ class LipschitzReport:
         return "\n".join(lines)
 
 
+def _as(c, dtype) -> torch.Tensor:
+    """A constant as a tensor of dtype (Python floats straight to dtype: no float32 hop)."""
+    return c.to(dtype) if isinstance(c, torch.Tensor) else torch.tensor(float(c), dtype=dtype)
+
+
 def _log(c, dtype) -> torch.Tensor:
-    c = torch.as_tensor(c).to(dtype)
+    c = _as(c, dtype)
     pos = c > 0
     return torch.where(pos, torch.log(torch.where(pos, c, torch.ones_like(c))),
                        torch.full_like(c, -math.inf))
@@ -236,7 +241,7 @@ def lipschitz_bound(model: nn.Module, example_input, *, n_iters: int = 10,
 
     rows = []
     for name, kind, shape, term in plan.rows:
-        c = torch.as_tensor(term.c).to(dtype)
+        c = _as(term.c, dtype)
         e = c if term.layer is None else c * est[term.layer]
         u = None if log_up is None else (c if term.layer is None else c * cert[term.layer])
         rows.append(LayerRow(name, kind, shape, e, u, term.note))

@@ -4,8 +4,6 @@ concrete), and the hook-based chain reading for models fx cannot trace (only whe
 really is a chain of modules)."""
 from __future__ import annotations
 
-import operator
-import weakref
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import torch
@@ -41,23 +39,15 @@ class _Tracer(torch.fx.Tracer):
         return super().is_leaf_module(m, qualname) and not list(m.children())
 
 
-_TRACES: "weakref.WeakKeyDictionary[nn.Module, dict]" = weakref.WeakKeyDictionary()
-
-
 def trace(model: nn.Module, constants) -> Tuple[Optional[torch.fx.Graph], str]:
-    """The fx graph of ``model`` (cached per model structure and constants' keys), or
-    (None, why) when it does not trace."""
-    key = (tuple((n, type(m)) for n, m in model.named_modules()),
-           tuple(sorted(map(repr, constants))))
-    per = _TRACES.setdefault(model, {})
-    if key not in per:
-        if len(per) > 8:
-            per.clear()
-        try:
-            per[key] = (_Tracer(constants).trace(model), "")
-        except Exception as e:  # noqa: BLE001 - any tracing failure: try the chain reading
-            per[key] = (None, f"{type(e).__name__}: {e}")
-    return per[key]
+    """The fx graph of ``model``, or (None, why) when it does not trace. Traced on every
+    call, not cached: fx bakes Python attributes (``self.training`` in
+    ``F.dropout(..., training=self.training)``, flags, loop counts) into the graph, so a
+    cached graph could silently be the wrong one (~20 ms for a ResNet-18)."""
+    try:
+        return _Tracer(constants).trace(model), ""
+    except Exception as e:  # noqa: BLE001 - any tracing failure: try the chain reading
+        return None, f"{type(e).__name__}: {e}"
 
 
 class Plan:

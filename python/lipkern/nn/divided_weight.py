@@ -1,16 +1,16 @@
-"""A normalized weight from a fused call's vectors: ``W / sigma`` with ``sigma = u^T A(W) x``
-recomputed differentiably from the (constant) vectors u, x of that call.
+"""A normalized weight from a fused call's sigma and vectors: ``W / sigma`` with the gradient
+of ``sigma = u^T A(W) x`` for the (constant) vectors u, x of that call.
 
 The fused call then runs without autograd; the layers that divide their weight
-(strategy "mixed") take spectral_norm's gradient from plain autograd through
-``sigma = u^T A(W) x`` -- one matrix-vector product (or a one-sample conv, operator mode)
-per layer, at the size of the weight, not of the activations -- and so every order of
-derivative is exact (DESIGN.md: the same implicit rule at every order; gradient penalties
-differentiate through it again). ``coeff`` gives the soft normalization of invertible
+(strategy "mixed") take spectral_norm's gradient from :class:`SigmaFromVectors` (the call's
+value, the gradient ``dsigma/dW`` from u and x: weight-sized, not activation-sized work;
+:func:`sigma_of` is the same sigma recomputed by plain autograd, used by ScaledLayerExact),
+and so every order of derivative is exact (DESIGN.md: the same implicit rule at every order;
+gradient penalties differentiate through it again). ``coeff`` gives the soft normalization of invertible
 ResNets / DUE, ``W * min(1, coeff / sigma)``.
 
-Shapes: ``w`` the layer's weight as the fused op reads it (``dim`` first; (out, in) or a
-4-D kernel), ``u`` (y_numel,), ``x`` (x_numel,) in the compute dtype; returns 0-d.
+Shapes (sigma_of): ``w`` the layer's weight as the fused op reads it (``dim`` first; (out, in)
+or a 4-D kernel), ``u`` (y_numel,), ``x`` (x_numel,); returns 0-d in the compute dtype.
 """
 from __future__ import annotations
 
@@ -30,6 +30,46 @@ def sigma_of(geom, w: torch.Tensor, u: torch.Tensor, x: torch.Tensor,
     if matrix:
         return torch.dot(u, wc.reshape(wc.shape[0], -1).mv(x))
     return torch.dot(u, apply_op(geom, wc, x[None])[0])
+
+
+class SigmaFromVectors(torch.autograd.Function):
+    """``sigma = u^T A(W) x`` without recomputing it: the forward returns the fused call's
+    value, the backward ``g * dsigma/dW`` with ``dsigma/dW = grad_fn()`` (``u x^T`` for a
+    matrix, the conv weight gradient of (x, u) for an operator) -- constant in W, since u and
+    x are, so this backward is exact at every order (its own derivative in W is zero, in g
+    the constant). Saves the forward's weight pass (matrix) or one-sample conv (operator) of
+    :func:`sigma_of`. Inputs: w (any shape, for its gradient), sigma 0-d, grad_fn () -> a
+    tensor shaped like w."""
+
+    @staticmethod
+    def forward(ctx, w, sigma, grad_fn):
+        ctx.grad_fn = grad_fn
+        return sigma.detach().to(compute_dtype(w.dtype)).clone()
+
+    @staticmethod
+    def backward(ctx, g):
+        d = ctx.grad_fn()
+        return (g.to(d.dtype) * d).to(d.dtype), None, None
+
+
+def sigma_fast(geom, w: torch.Tensor, sigma: torch.Tensor, u: torch.Tensor, x: torch.Tensor,
+               matrix: bool, dim: int) -> torch.Tensor:
+    """:func:`sigma_of`'s value and gradients from the fused call's sigma and vectors: ``w``
+    the layer's own weight (``dim``: torch's output dimension, moved first for the
+    operator's layout)."""
+    from ..reference import weight_grad
+
+    def grad_fn():
+        cd = compute_dtype(w.dtype)
+        uu, xx = u.detach().to(cd), x.detach().to(cd)
+        if matrix:
+            d = torch.outer(uu, xx)
+        else:
+            d = weight_grad(geom, xx, uu)
+        shape = w.shape if dim == 0 else w.movedim(dim, 0).shape
+        d = d.view(shape)
+        return (d if dim == 0 else d.movedim(0, dim)).to(w.dtype)
+    return SigmaFromVectors.apply(w, sigma, grad_fn)
 
 
 def scale_of(sigma: torch.Tensor, coeff: Optional[float]) -> torch.Tensor:

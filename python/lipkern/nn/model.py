@@ -19,10 +19,10 @@ Differences from per-layer spectral_norm, all deliberate:
 * how the work is laid out (``strategy``; the same function and gradient every way; each
   strategy is one class in :mod:`lipkern.nn.strategies`):
   "mixed" (the default on the CPU for models with convs) -- one fused call without autograd
-  gives every sigma and vector; per layer and input shape, a layer whose output has at least
-  10x more elements than its weight divides its weight (sigma = u^T A(W) x recomputed
-  differentiably, :mod:`lipkern.nn.divided_weight`), any other scales its outputs as in
-  "scaled_outputs" (with a backward that is exact at second order);
+  gives every sigma and vector; per layer and input shape, a layer whose output has at
+  least as many elements as its weight divides its weight (the call's sigma with the
+  gradient of u^T A(W) x, :mod:`lipkern.nn.divided_weight`), any other scales its outputs
+  as in "scaled_outputs"; every layer divides in a forward whose input requires grad;
   "fused_weights" (the default on CUDA with Triton) -- the one fused launch also writes
   every ``W / sigma`` (:func:`lipkern.fused_normalize`), each layer runs its own op on it,
   and one more launch returns every weight gradient: a model's normalization costs two
@@ -59,7 +59,8 @@ from ..layout import Layout, PowerIterState, layout_for
 from ..power_iter import fused_power_iter
 from ..spec import ConvSpec
 from ..validate import compute_dtype
-from .parametrization import _TRANSPOSED, _spec_from_module, make_picklable
+from .parametrization import (_CONV, _TRANSPOSED, _spec_from_module, check_input_size,
+                              input_spatial_size, make_picklable)
 from .divided_weight import divided, scale_of
 from .strategies import STRATEGIES, Inline, Strategy, make_strategies, store_state
 
@@ -150,6 +151,7 @@ class SpectralNormGroup:
         self.fast = [c is not False for c in self.conv_args]
         self.strategies = make_strategies()
         self.active: Optional[Strategy] = None  # the strategy of the forward in progress
+        self.input_grad = False  # this forward's model input requires grad
         self.calls = 0  # fused calls made (for tests and curious users)
 
     # ------------------------------------------------------------ the layers
@@ -262,6 +264,8 @@ class SpectralNormGroup:
     def layer_forward(self, i: int, module: nn.Module, x: torch.Tensor) -> torch.Tensor:
         """Layer i's forward, as the forward's strategy runs it (outside a model forward: the
         layer's own forward on its per-layer normalized weight)."""
+        if self.specs[i] is not None:  # operator mode: sigma is for the registered size
+            check_input_size(module, x, self.specs[i])
         active = self.active
         if active is None:
             return type(module).__bases__[0].forward(module, x)
@@ -288,6 +292,10 @@ class SpectralNormGroup:
 
     # ------------------------------------------------------------ hooks (picklable)
     def pre_hook(self, module, args):
+        # a forward whose input wants a gradient (gradient penalty, R1, attacks) is likely
+        # to be differentiated twice: strategy "mixed" then divides every layer's weight
+        self.input_grad = torch.is_grad_enabled() and any(
+            isinstance(a, torch.Tensor) and a.requires_grad for a in args)
         self.begin_forward()
 
     def post_hook(self, module, args, output):
@@ -327,7 +335,7 @@ def _select(model: nn.Module, types, names) -> List[Tuple[str, nn.Module]]:
             raise TypeError(f"types: {t!r} is not one of (or a subclass of) "
                             f"{[c.__name__ for c in SUPPORTED_TYPES]}")
     if names is not None and not callable(names):
-        wanted = set(names)
+        wanted = {names} if isinstance(names, str) else set(names)  # a str is one name
     out = []
     for qname, m in model.named_modules():
         if not isinstance(m, types):
@@ -353,7 +361,9 @@ def _capture_input_sizes(model: nn.Module, targets, example_input) -> List[Optio
     handles = []
     for qname, m in targets:
         def hook(mod, args, qname=qname):
-            sizes.setdefault(qname, tuple(args[0].shape[2:]))
+            # batched or unbatched input (an unbatched (C, H, W) once captured (W,))
+            sizes.setdefault(qname, input_spatial_size(mod, args[0])
+                             if isinstance(mod, _CONV) else None)
         handles.append(m.register_forward_pre_hook(hook))
     was_training = model.training
     try:
@@ -405,9 +415,10 @@ def spectral_norm_model(model: nn.Module, example_input=None, *, n_power_iterati
             DUE: each weight becomes ``W * min(1, coeff / sigma)`` (a layer with sigma below
             coeff is left as it is; gradients exact on both sides).
         strategy: how the layers use the fused call's sigmas (same values and gradients):
-            "mixed" -- per layer, the cheaper of dividing the weight (sigma = u^T A(W) x
-            recomputed differentiably from the fused call's vectors) and scaling the outputs,
-            by the size of the layer's output against its weight
+            "mixed" -- per layer, the cheaper of dividing the weight (the fused call's sigma
+            with the gradient of u^T A(W) x) and scaling the outputs, by the size of the
+            layer's output against its weight (every layer divides in a forward whose input
+            requires grad)
             (:class:`lipkern.nn.strategies.Mixed`);
             "fused_weights" -- the fused kernel also writes every ``W / sigma``
             (:func:`lipkern.fused_normalize`) and each layer runs its own op on it: two

@@ -78,6 +78,14 @@ class ScaledLayer(torch.autograd.Function):
         return gx, gw, gb, None, None, None
 
 
+def scaled_layer(x, w, b, sigma, rank1, conv):
+    """:class:`ScaledLayer` on a batched or unbatched input (aten.convolution needs the batch
+    dimension: an unbatched (C, H, W) input runs as a batch of one)."""
+    if conv is not None and x.dim() == w.dim() - 1:
+        return ScaledLayer.apply(x.unsqueeze(0), w, b, sigma, rank1, conv).squeeze(0)
+    return ScaledLayer.apply(x, w, b, sigma, rank1, conv)
+
+
 def _differentiable_backward(ctx, gy, x, w, b, sigma):
     """The gradients of ``layer(x; W) / sigma(W) + b`` as a graph autograd can differentiate
     again: sigma(W) = sigma + <W - W.detach(), dsigma/dW> (its value, and DESIGN's constant

@@ -29,7 +29,7 @@ from ..backends import load_ext, resolve_backend
 from ..layout import PowerIterState
 from ..ops import sn_linear as _sn_linear  # noqa: F401  (registers lipkern::sn_linear's fakes)
 from ..power_iter import fused_normalize
-from .divided_weight import ScaledLayerExact, divided, scale_of, sigma_of
+from .divided_weight import ScaledLayerExact, divided, scale_of, sigma_fast, sigma_of
 from .parametrization import _TRANSPOSED, _in_vmap
 from .scaled_layer import ScaledLayer, dense_rank1, operator_rank1
 
@@ -158,11 +158,18 @@ class ScaledOutputs(Strategy):
         conv = group.conv_args[i] if self.scaled_ok else False
         if conv is False:
             return base_forward(module, x)  # weight(): W / the fused call's sigma
-        return self.scaled_forward(group, i, module, x, conv)
+        # exact second order in eager (gradient penalties); a compiled graph's backward
+        # refuses double backward itself (AOTAutograd), and dynamo cannot trace one
+        # Function's backward calling another's
+        return self.scaled_forward(group, i, module, x, conv,
+                                   exact=not torch.compiler.is_compiling())
 
     def scaled_forward(self, group, i, module, x, conv, exact=False):
         """``layer(x; W) / s + b`` with s = sigma (or ``max(sigma / coeff, 1)``); ``exact``:
         a backward that is itself differentiable (ScaledLayerExact)."""
+        w = module.parametrizations.weight.original
+        if conv is not None and x.dim() == w.dim() - 1:  # aten.convolution needs a batch dim
+            return self.scaled_forward(group, i, module, x.unsqueeze(0), conv, exact).squeeze(0)
         cur = self.cur
         u, v, sigma = cur.u_list[i], cur.x_list[i], cur.sigma_list[i]
         if group.coeff is not None:
@@ -195,15 +202,15 @@ class ScaledOutputs(Strategy):
 # where "mixed" scales a layer's outputs rather than dividing its weight: output elements per
 # step below this many times the weight's elements (see the rule in Mixed's docstring and
 # bench/NOTES.md, "Issue 16")
-SCALE_OUTPUTS_BELOW = 10.0
+SCALE_OUTPUTS_BELOW = 1.0
 
 
 class Mixed(ScaledOutputs):
     """Per layer, the cheaper of the two ways to use one fused call's sigmas (the call itself
     without autograd):
 
-    * divide the weight -- ``W / sigma`` with ``sigma = u^T A(W) x`` recomputed from the
-      call's vectors (:mod:`lipkern.nn.divided_weight`), the layer's own op on it: O(weight)
+    * divide the weight -- ``W / sigma``, the call's sigma with the gradient of
+      ``u^T A(W) x`` (:mod:`lipkern.nn.divided_weight`), the layer's own op on it: O(weight)
       extra work per step, a few weight-sized passes;
     * scale the outputs -- ``layer(x; W) / sigma + b`` (ScaledLayer): O(output) extra work,
       a few passes over the activations (and one more activation kept for the backward).
@@ -241,7 +248,11 @@ class Mixed(ScaledOutputs):
         return self
 
     def scales(self, group, i, x) -> bool:
-        """Whether layer i scales its outputs for inputs shaped like ``x``."""
+        """Whether layer i scales its outputs for inputs shaped like ``x`` (never in a forward
+        whose model input requires grad: a gradient penalty's second backward would
+        recompute every scaled layer, measured +50-90% on SNGAN's GP step, bench/NOTES.md)."""
+        if group.__dict__.get("input_grad"):
+            return False
         if torch.compiler.is_compiling():  # a pure function of shapes: no dict to guard on
             return self.rule(group, i, x)
         key = (i, tuple(x.shape))
@@ -257,9 +268,6 @@ class Mixed(ScaledOutputs):
     def layer_forward(self, group, i, module, x):
         conv = group.conv_args[i] if self.scaled_ok else False
         if conv is not False and self.scales(group, i, x):
-            # exact second order in eager; a compiled graph's backward refuses double
-            # backward itself (AOTAutograd), and dynamo cannot trace one Function's backward
-            # calling another's
             return self.scaled_forward(group, i, module, x, conv,
                                        exact=not torch.compiler.is_compiling())
         w = self.weight(group, i, module.parametrizations.weight.original)
@@ -272,8 +280,9 @@ class Mixed(ScaledOutputs):
     def weight(self, group, i, w):
         cur = self.cur
         with torch.autocast(w.device.type, enabled=False):
-            sigma = sigma_of(group.layout.geoms[i], group.op_weight(i, w), cur.u_list[i],
-                             cur.x_list[i], group.specs[i] is None)
+            # the fused call's sigma, with the gradient of u^T A(W) x (nothing recomputed)
+            sigma = sigma_fast(group.layout.geoms[i], w, cur.sigma_list[i], cur.u_list[i],
+                               cur.x_list[i], group.specs[i] is None, group.dims[i])
             return divided(w, scale_of(sigma, group.coeff))
 
 
@@ -344,8 +353,8 @@ class Inline(Strategy):
     (:mod:`lipkern.ops.sn_linear`) whose power iteration rides in its own matmul and whose
     sigma gradient rides in its weight-gradient GEMM. Linear layers in matrix mode, CPU,
     float32/float64 outside autocast, no ``coeff``, the compiled extension built (else that
-    forward runs "scaled_outputs"). ``strategy="auto"`` picks it for Linear-only models on the CPU with
-    backend "auto" or "cpp"."""
+    forward runs "scaled_outputs"). ``strategy="auto"`` picks it for Linear-only models on the
+    CPU with backend "auto" or "cpp"."""
 
     name = "inline"
 
