@@ -59,7 +59,8 @@ def test_spectral_norm_bench_runs(tmp_path, capsys):
     import lipkern
     inline = lipkern.ops.sn_linear.available()
     # plain_lk (the unnormalized model on lipkern's matmul) runs where lipkern runs inline
-    assert set(row["median_ms"]) == {"plain", "torch_sn", "lipkern", "lipkern_scaled"} | \
+    assert set(row["median_ms"]) == {"plain", "torch_sn", "lipkern", "lipkern_scaled",
+                                     "lipkern_grouped"} | \
         ({"plain_lk"} if inline else set())
     assert row["layers"] == 100
     assert row["lipkern_strategy"] == ("inline" if inline else "scaled_outputs")
