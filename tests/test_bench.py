@@ -72,3 +72,16 @@ def test_spectral_norm_bench_runs(tmp_path, capsys):
     # work per step is counted for every provider (aten ops on the CPU, kernels on a GPU)
     assert set(row["launches_per_step"]) == set(row["median_ms"])
     assert row["launches_per_step"]["torch_sn"] > row["launches_per_step"]["plain"] > 0
+
+
+def test_spectral_norm_convnets_bench_runs(tmp_path, capsys):
+    """Issue 16's conv-net run (one model, batch 1, one rep): a table, a verdict, a JSON row."""
+    import bench_spectral_norm
+    out = tmp_path / "sn_conv.jsonl"
+    bench_spectral_norm.main(["--workload", "wrn10_2", "--batch", "1", "--reps", "1",
+                              "--warmup", "0", "--out", str(out)])
+    text = capsys.readouterr().out
+    assert "verdict: matrix" in text and "lk_op" in text and "cannot run" not in text
+    row = json.loads(out.read_text().splitlines()[0])
+    assert row["lipkern_strategy"] == "mixed" and "torch_sn" in row["overhead_ms"]
+    assert row["device"] and row["versions"] and row["date"]
