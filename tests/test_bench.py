@@ -89,3 +89,16 @@ def test_host_time_bench_runs(capsys):
                                  "call_grouped_fb,normalize_grouped_fb,model_plain_step"]) == 0
     out = capsys.readouterr().out
     assert "| call_grouped_fb |" in out and "| model_plain_step |" in out
+
+
+def test_spectral_norm_convnets_bench_runs(tmp_path, capsys):
+    """Issue 16's conv-net run (one model, batch 1, one rep): a table, a verdict, a JSON row."""
+    import bench_spectral_norm
+    out = tmp_path / "sn_conv.jsonl"
+    bench_spectral_norm.main(["--workload", "wrn10_2", "--batch", "1", "--reps", "1",
+                              "--warmup", "0", "--out", str(out)])
+    text = capsys.readouterr().out
+    assert "verdict: matrix" in text and "lk_op" in text and "cannot run" not in text
+    row = json.loads(out.read_text().splitlines()[0])
+    assert row["lipkern_strategy"] == "mixed" and "torch_sn" in row["overhead_ms"]
+    assert row["device"] and row["versions"] and row["date"]

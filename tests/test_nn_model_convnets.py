@@ -178,6 +178,19 @@ def test_compile_one_graph_no_recompile(strategy):
     assert (graphs, recompiles) == (1, 0)
 
 
+def test_compile_gradient_penalty_refused_not_wrong():
+    """Under torch.compile the scaled layers take the first-order ScaledLayer; the compiled
+    graph refuses a double backward itself (AOTAutograd), so a gradient penalty raises
+    rather than returning a wrong gradient."""
+    torch.manual_seed(0)
+    model = spectral_norm_model(models.SNGANCritic(ch=2))
+    compiled = torch.compile(model, backend="aot_eager")
+    xh = torch.randn(2, 3, 32, 32, requires_grad=True)
+    g, = torch.autograd.grad(compiled(xh).sum(), xh, create_graph=True)
+    with pytest.raises(RuntimeError, match="double backward"):
+        g.square().sum().backward()
+
+
 def test_compile_inductor_matches_eager():
     base = _critic()
     eager, comp = _ours(base), _ours(base)
