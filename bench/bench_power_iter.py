@@ -337,9 +337,13 @@ def default_providers(device):
     return names
 
 
-def measure(ws, specs, n_iters, warm, names, device, mode, reps, warmup, trace=None):
+def measure(ws, specs, n_iters, warm, names, device, mode, reps, warmup, trace=None,
+            graph=False):
     """Time every provider on the same weights and start vectors, round-robin (one rep of each
-    in turn, so drift in the machine's speed lands on all alike). Returns rows (dicts)."""
+    in turn, so drift in the machine's speed lands on all alike). Returns rows (dicts).
+    On CUDA each rep is also timed on the device (CUDA events around the step: device time
+    from the first to the last kernel, "device_ms", beside the wall time). ``graph``: every
+    provider that can be captured is timed as a CUDA-graph replay of its step instead."""
     x0s, state = setup_inputs(ws, specs, n_iters, warm, device)
     leaves = [w.detach().clone().requires_grad_() for w in ws]
 
@@ -385,7 +389,11 @@ def measure(ws, specs, n_iters, warm, names, device, mode, reps, warmup, trace=N
     for name in names:
         try:
             fn, params = provider(name)
-            steps[name] = (fn, make_step(fn, params, name == "grouped_cudagraph"))
+            if graph and name != "grouped_cudagraph":
+                fn = make_cudagraph(fn, params, mode)
+                steps[name] = (fn, fn)  # the replay runs forward (and backward) already
+            else:
+                steps[name] = (fn, make_step(fn, params, name == "grouped_cudagraph"))
             for _ in range(max(1, warmup)):
                 steps[name][1]()
             _sync(device)
@@ -393,13 +401,23 @@ def measure(ws, specs, n_iters, warm, names, device, mode, reps, warmup, trace=N
             print(f"# {name}: skipped ({type(e).__name__}: {str(e).splitlines()[0][:150]})")
             steps.pop(name, None)
     times = {name: [] for name in steps}
+    dev_times = {name: [] for name in steps}
     fwd_times = {name: [] for name in steps}
+    cuda = device.type == "cuda"
     for _ in range(reps):
         for name, (fn, step) in steps.items():
+            if cuda:
+                ev0, ev1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(
+                    enable_timing=True)
+                ev0.record()
             t0 = time.perf_counter()
             step()
+            if cuda:
+                ev1.record()
             _sync(device)
             times[name].append(time.perf_counter() - t0)
+            if cuda:
+                dev_times[name].append(ev0.elapsed_time(ev1) * 1e-3)
             if mode == "backward":  # reported as (forward + backward) - forward
                 t0 = time.perf_counter()
                 fn()
@@ -429,14 +447,16 @@ def measure(ws, specs, n_iters, warm, names, device, mode, reps, warmup, trace=N
                 med, p20, p80 = med - fmed, p20 - fmed, p80 - fmed
         out = fn()
         sig = out[0].detach() if isinstance(out, tuple) else None
-        rows.append(dict(provider=name, median_ms=med * 1e3, p20_ms=p20 * 1e3,
-                         p80_ms=p80 * 1e3,
+        dev = statistics.median(dev_times[name]) * 1e3 if dev_times[name] else None
+        rows.append(dict(provider=name + ("+graph" if graph else ""), median_ms=med * 1e3,
+                         p20_ms=p20 * 1e3, p80_ms=p80 * 1e3, device_ms=dev,
                          sigmas=None if sig is None else sig.cpu().tolist()))
     return rows
 
 
 def print_table(rows, fl, nbytes, peak, bw, lat_us, launches):
-    base = next((r["median_ms"] for r in rows if r["provider"] == "naive"), None)
+    base = next((r["median_ms"] for r in rows if r["provider"] in ("naive", "naive+graph")),
+                None)
     floors = {"compute": fl / (peak * 1e9) * 1e3, "bytes": nbytes / (bw * 1e9) * 1e3,
               "launch": launches * lat_us * 1e-3}
     floor_ms = max(floors.values())
@@ -444,17 +464,18 @@ def print_table(rows, fl, nbytes, peak, bw, lat_us, launches):
           f"{peak:.0f} GFLOP/s: {floors['compute']:.3f} ms; bytes {nbytes / 1e6:.1f} MB at "
           f"the measured {bw:.0f} GB/s: {floors['bytes']:.3f} ms; {launches} launch(es) of "
           f"{lat_us:.1f} us: {floors['launch']:.3f} ms)")
-    print("| provider | median ms | p20 ms | p80 ms | speedup vs naive | GFLOP/s | GB/s | "
-          "x floor |")
-    print("|---|---:|---:|---:|---:|---:|---:|---:|")
+    print("| provider | median ms | p20 ms | p80 ms | device ms | speedup vs naive | GFLOP/s | "
+          "GB/s | x floor |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
     for r in rows:
         sp = base / r["median_ms"] if base else float("nan")
         sec = r["median_ms"] * 1e-3
         r.update(speedup=sp, gflops=fl / sec / 1e9 if sec > 0 else float("nan"),
                  gbs=nbytes / sec / 1e9 if sec > 0 else float("nan"),
                  x_floor=r["median_ms"] / floor_ms)
+        dev = "-" if r.get("device_ms") is None else f"{r['device_ms']:.3f}"
         print(f"| {r['provider']} | {r['median_ms']:.3f} | {r['p20_ms']:.3f} | "
-              f"{r['p80_ms']:.3f} | {sp:.2f} | {r['gflops']:.1f} | {r['gbs']:.1f} | "
+              f"{r['p80_ms']:.3f} | {dev} | {sp:.2f} | {r['gflops']:.1f} | {r['gbs']:.1f} | "
               f"{r['x_floor']:.1f} |")
     return floor_ms
 
@@ -507,7 +528,7 @@ def plot_sweep(rows, path):
 def _group_sweep(rows):
     out = {}
     for r in rows:
-        if r["provider"] != "naive":
+        if r["provider"].split("+")[0] != "naive":
             out.setdefault((r["width"], r["provider"]), []).append((r["n_layers"], r["speedup"]))
     return out
 
@@ -529,6 +550,8 @@ def main(argv=None):
     p.add_argument("--quick", action="store_true", help="smoke test: 1 rep, no warmup")
     p.add_argument("--plot", default=None, help="sweep: write a PNG of speedup vs layers")
     p.add_argument("--trace", default=None, help="write a torch.profiler trace (JSON)")
+    p.add_argument("--graph", action="store_true",
+                   help="time every provider as a CUDA-graph replay of its step (GPU only)")
     p.add_argument("--out", default=os.path.join(RESULTS, "power_iter.jsonl"))
     p.add_argument("--no-save", action="store_true")
     a = p.parse_args(argv)
@@ -537,6 +560,10 @@ def main(argv=None):
 
     device = torch.device("cuda" if a.device == "auto" and torch.cuda.is_available()
                           else ("cpu" if a.device == "auto" else a.device))
+    if a.graph and device.type != "cuda":
+        print(f"# --graph times CUDA-graph replays and needs a CUDA device; this run is on "
+              f"{device.type}: nothing measured", file=sys.stderr)
+        return None
     scale = a.scale if a.scale != "auto" else ("full" if device.type == "cuda" else "cpu")
     vers = versions()
     names = default_providers(device) if a.providers == "auto" else a.providers.split(",")
@@ -553,7 +580,8 @@ def main(argv=None):
             ws, specs, n_iters, warm = sweep_workload(n, c, hw)
             ws = [w.to(device) for w in ws]
             got = measure(ws, specs, n_iters, warm, names, device, a.mode, a.reps, a.warmup)
-            base = next(r["median_ms"] for r in got if r["provider"] == "naive")
+            base = next(r["median_ms"] for r in got
+                        if r["provider"].split("+")[0] == "naive")
             for r in got:
                 r.update(n_layers=n, width=c, hw=hw, speedup=base / r["median_ms"],
                          workload="sweep", sigmas=None)
@@ -561,12 +589,13 @@ def main(argv=None):
         progress(len(configs), len(configs), "done")
         print(f"# sweep: conv 3x3, width x width at {configs[0][2]}x{configs[0][2]}, "
               f"5 iterations, mode={a.mode}; speedup over the naive loop")
-        provs = [n for n in dict.fromkeys(r["provider"] for r in rows) if n != "naive"]
+        naive = next(r["provider"] for r in rows if r["provider"].split("+")[0] == "naive")
+        provs = [n for n in dict.fromkeys(r["provider"] for r in rows) if n != naive]
         print("| layers | width | naive ms | " + " | ".join(provs) + " |")
         print("|---:|---:|---:|" + "---:|" * len(provs))
         for (n, c, _) in configs:
             sub = {r["provider"]: r for r in rows if r["n_layers"] == n and r["width"] == c}
-            print(f"| {n} | {c} | {sub['naive']['median_ms']:.2f} | " + " | ".join(
+            print(f"| {n} | {c} | {sub[naive]['median_ms']:.2f} | " + " | ".join(
                 f"{sub[q]['speedup']:.2f}x" if q in sub else "-" for q in provs) + " |")
         if a.plot:
             plot_sweep(rows, a.plot)
@@ -575,7 +604,7 @@ def main(argv=None):
         print(f"# lipkern bench: {a.workload} ({scale} scale), {len(ws)} layers, {n_iters} "
               f"iters{' (warm start)' if warm else ''}, mode={a.mode}")
         rows = measure(ws, specs, n_iters, warm, names, device, a.mode, a.reps, a.warmup,
-                       trace=a.trace)
+                       trace=a.trace, graph=a.graph)
         fl = flops(ws, specs, n_iters, a.mode)
         nbytes = min_bytes(ws, a.mode)
         floor_ms = print_table(rows, fl, nbytes, peak, bw, lat,

@@ -126,6 +126,9 @@ def providers(include_deel=True, device="cpu"):
            "lipkern": make_lipkern}
     out["lipkern_scaled"] = lambda b: lipkern.nn.spectral_norm_model(
         copy.deepcopy(b), strategy="scaled_outputs")
+    # backend="grouped": the fused call as one grouped conv / batched matmul per bucket
+    out["lipkern_grouped"] = lambda b: lipkern.nn.spectral_norm_model(
+        copy.deepcopy(b), backend="grouped")
     if include_deel:
         try:
             import deel.torchlip  # noqa: F401
@@ -158,19 +161,42 @@ def measure(workload, batch, reps, warmup, include_deel=True, device="cpu"):
     for f in steps.values():
         for _ in range(warmup):
             f()
+    if getattr(measure, "graph", False):  # --graph: each step captured once, replayed
+        steps = {n: graph_step(f) for n, f in steps.items()}
     times = {n: [] for n in steps}
+    dev = {n: [] for n in steps}  # device time per step (CUDA events), GPU only
     for _ in range(reps):  # round-robin: this machine's speed drifts
         for n, f in steps.items():
             if device != "cpu":
                 torch.cuda.synchronize()
+                ev = [torch.cuda.Event(enable_timing=True) for _ in range(2)]
+                ev[0].record()
             t0 = time.perf_counter()
             f()
             if device != "cpu":
+                ev[1].record()
                 torch.cuda.synchronize()
+                dev[n].append(ev[0].elapsed_time(ev[1]))
             times[n].append(time.perf_counter() - t0)
+    measure.device_ms = {n: statistics.median(t) for n, t in dev.items() if t}
     launches = {n: count_launches(f, device) for n, f in steps.items()}
     return {n: statistics.median(t) * 1e3 for n, t in times.items()}, \
         {n: min(t) * 1e3 for n, t in times.items()}, len(_layers(base)), launches
+
+
+def graph_step(step):
+    """``step`` (fwd + bwd + SGD) captured in one CUDA graph after warm-up on a side stream;
+    returns the replay (the step's inputs and parameters are static: they stay in place)."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(2):
+            step()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        step()
+    return graph.replay
 
 
 def resolved_strategy(model):
@@ -238,7 +264,14 @@ def main(argv=None):
                     help="convnets: also time plain and lipkern under torch.compile (inductor)")
     ap.add_argument("--no-json", action="store_true")
     ap.add_argument("--out", default=RESULTS)
+    ap.add_argument("--graph", action="store_true",
+                    help="time each provider's step as a CUDA-graph replay (GPU only)")
     args = ap.parse_args(argv)
+    if args.graph and args.device == "cpu":
+        print("--graph times CUDA-graph replays and needs a CUDA device: nothing measured",
+              file=sys.stderr)
+        return None
+    measure.graph = args.graph
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.workload == "convnets" or args.workload in bench_convnets.CONVNETS:
@@ -249,6 +282,9 @@ def main(argv=None):
         med, best, n_layers, launches = measure(w, batch, args.reps, args.warmup,
                                                 not args.no_deel, args.device)
         print_table(w, batch, n_layers, med, best, launches, args.device)
+        if getattr(measure, "device_ms", None):
+            print("device ms per step (CUDA events" + (", graph replay" if args.graph else "")
+                  + "): " + ", ".join(f"{n} {t:.3f}" for n, t in measure.device_ms.items()))
         if not args.no_json:
             os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
             with open(args.out, "a") as f:
@@ -258,6 +294,7 @@ def main(argv=None):
                     overhead_ms={n: med[n] - med["plain"] for n in med},
                     overhead_equal_matmul_ms=equal_matmul_overhead(med),
                     launches_per_step=launches, lipkern_strategy=measure.strategy,
+                    device_ms=getattr(measure, "device_ms", {}), graph=args.graph,
                     launch_unit="cuda kernels" if args.device != "cpu" else "aten ops",
                     device=device_name(torch.device(args.device)), versions=versions(),
                     date=datetime.date.today().isoformat(), reps=args.reps)) + "\n")

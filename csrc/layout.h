@@ -40,6 +40,7 @@ inline std::vector<Geom> parse_meta(const int64_t* meta, int64_t n) {
     throw std::invalid_argument("lipkern: meta must hold a positive multiple of " +
                                 std::to_string(kMetaWidth) + " ints, got " + std::to_string(n));
   std::vector<Geom> out;
+  int64_t tx = 0, ty = 0, tw = 0;  // the packed offsets are running sums (layout.py _build)
   for (int64_t i = 0; i < n; i += kMetaWidth) {
     const int64_t* r = meta + i;
     Geom g{r[0], r[1], r[2], r[3], r[4], r[5], r[6], r[7], r[8], r[9],
@@ -47,9 +48,21 @@ inline std::vector<Geom> parse_meta(const int64_t* meta, int64_t n) {
     if (g.kind < 0 || g.kind > 2 || g.groups < 1 || g.cin % g.groups || g.cout % g.groups ||
         g.h < 1 || g.w < 1 || g.oh < 1 || g.ow < 1 || g.kh < 1 || g.kw < 1 || g.sh < 1 ||
         g.sw < 1 || g.dh < 1 || g.dw < 1 || g.ph < 0 || g.pw < 0 ||
-        (g.circular && (g.ph > g.h || g.pw > g.w)))
+        (g.circular && (g.ph > g.h || g.pw > g.w)) || g.cin < 1 || g.cout < 1 ||
+        (g.circular && g.kind != kConv) || (g.kind == kDense && g.in_numel() != g.cin))
       throw std::invalid_argument("lipkern: meta row " + std::to_string(i / kMetaWidth) +
                                   " is not a valid layer");
+    // the output size every kernel indexes with must be the conv's own (else reads run past
+    // the buffers): oh = (h + 2 ph - dh (kh - 1) - 1) / sh + 1, the same for ow
+    const int64_t nh = g.h + 2 * g.ph - g.dh * (g.kh - 1) - 1,
+                  nw = g.w + 2 * g.pw - g.dw * (g.kw - 1) - 1;
+    if (nh < 0 || nw < 0 || g.oh != nh / g.sh + 1 || g.ow != nw / g.sw + 1 || g.x_off != tx ||
+        g.y_off != ty || g.w_off != tw)
+      throw std::invalid_argument("lipkern: meta row " + std::to_string(i / kMetaWidth) +
+                                  " is not a valid layer (sizes or offsets inconsistent)");
+    tx += g.x_numel();
+    ty += g.y_numel();
+    tw += g.w_numel();
     out.push_back(g);
   }
   return out;

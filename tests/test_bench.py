@@ -59,7 +59,8 @@ def test_spectral_norm_bench_runs(tmp_path, capsys):
     import lipkern
     inline = lipkern.ops.sn_linear.available()
     # plain_lk (the unnormalized model on lipkern's matmul) runs where lipkern runs inline
-    assert set(row["median_ms"]) == {"plain", "torch_sn", "lipkern", "lipkern_scaled"} | \
+    assert set(row["median_ms"]) == {"plain", "torch_sn", "lipkern", "lipkern_scaled",
+                                     "lipkern_grouped"} | \
         ({"plain_lk"} if inline else set())
     assert row["layers"] == 100
     assert row["lipkern_strategy"] == ("inline" if inline else "scaled_outputs")
@@ -72,6 +73,22 @@ def test_spectral_norm_bench_runs(tmp_path, capsys):
     # work per step is counted for every provider (aten ops on the CPU, kernels on a GPU)
     assert set(row["launches_per_step"]) == set(row["median_ms"])
     assert row["launches_per_step"]["torch_sn"] > row["launches_per_step"]["plain"] > 0
+
+
+def test_graph_mode_needs_a_gpu(capsys):
+    import torch
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is here: --graph runs (bench/gpu_session.sh times it)")
+    assert bench_power_iter.main(["--graph", "--quick", "--no-save"]) is None
+    assert "needs a CUDA device" in capsys.readouterr().err
+
+
+def test_host_time_bench_runs(capsys):
+    import bench_host_time
+    assert bench_host_time.main(["--layers", "3", "--width", "4", "--reps", "2", "--only",
+                                 "call_grouped_fb,normalize_grouped_fb,model_plain_step"]) == 0
+    out = capsys.readouterr().out
+    assert "| call_grouped_fb |" in out and "| model_plain_step |" in out
 
 
 def test_spectral_norm_convnets_bench_runs(tmp_path, capsys):

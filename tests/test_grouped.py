@@ -179,3 +179,27 @@ def test_gradcheck_float64_through_buckets(variant):
                                      variant=variant)
         return r.sigmas, r.lipschitz
     assert torch.autograd.gradcheck(f, leaf(ws), atol=1e-6, rtol=1e-4)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_normalize_divides_once_per_bucket_like_the_reference(dtype):
+    """fused_normalize on grouped divides per bucket: bit-equal to reference.divide with the
+    same sigmas, and the gradients match the reference's (rule of tests/layers.py)."""
+    ws, specs = make_weights(BUCKETED + TOY, dtype, seed=9)
+    probes = [torch.randn(w.shape, generator=torch.Generator().manual_seed(i),
+                          dtype=torch.float64) for i, w in enumerate(ws)]
+    gen = lambda: torch.Generator().manual_seed(1)  # noqa: E731
+    got = {}
+    for name, fn, wl in (("grouped", lipkern.fused_normalize, ws),
+                         ("ref64", ref.normalize, [w.double() for w in ws]),
+                         ("ref32", ref.normalize, ws)):
+        wl = leaf(wl)
+        extra = dict(backend="grouped") if name == "grouped" else {}
+        r = fn(wl, specs, n_iters=2, generator=gen(), variant="spectral_norm", **extra)
+        sum((p * w.double()).sum() for p, w in zip(probes, r.weights)).backward()
+        got[name] = (r, [w.grad for w in wl])
+    r, grads = got["grouped"]
+    for w, wh, s in zip(ws, r.weights, r.sigmas.unbind(0)):
+        assert wh.dtype == w.dtype and torch.equal(wh, ref.divide(w, s))
+    for i in range(len(ws)):
+        assert_close_rule(f"grad[{i}]", grads[i], got["ref64"][1][i], got["ref32"][1][i])

@@ -37,7 +37,7 @@ def _fixed_state(ws, specs, dtype):
 
 
 @pytest.mark.parametrize("fn", ["power_iter", "normalize"])
-@pytest.mark.parametrize("backend", ["torch", "cpp"])
+@pytest.mark.parametrize("backend", ["torch", "cpp", "grouped"])
 def test_gradgradcheck_float64(backend, fn):
     _skip_unavailable(backend, torch.float64)
     ws, specs = make_weights(ENTRIES, torch.float64, seed=8)
@@ -73,7 +73,7 @@ def _second_order(fn, ws, specs, probes, **kw):
 
 @pytest.mark.parametrize("fn", ["power_iter", "normalize"])
 @pytest.mark.parametrize("variant", ["power", "spectral_norm"])
-@pytest.mark.parametrize("backend", ["torch", "cpp", "triton"])
+@pytest.mark.parametrize("backend", ["torch", "cpp", "triton", "grouped"])
 def test_second_order_matches_reference(backend, variant, fn):
     _skip_unavailable(backend)
     entries = MIXED[:2] + MIXED[3:5] + MIXED[8:9]  # dense, reshaped, conv, transposed conv
@@ -89,3 +89,89 @@ def test_second_order_matches_reference(backend, variant, fn):
     assert any(float(t.abs().max()) > 0 for t in want64)
     for i, (a, b, c) in enumerate(zip(got, want64, ref32)):
         assert_close_rule(f"d2[{i}]", a, b, c)
+
+
+# ---------------------------------------------------------------- lipkern.nn: gradient penalty
+import torch.nn as nn  # noqa: E402
+from torch.nn.utils.parametrizations import spectral_norm as torch_sn  # noqa: E402
+
+
+def _conv_critic(seed=0):
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Conv2d(3, 6, 3, padding=1), nn.LeakyReLU(0.2),
+                         nn.Conv2d(6, 4, 4, stride=2, padding=1), nn.LeakyReLU(0.2),
+                         nn.Flatten(), nn.Linear(4 * 4 * 4, 1))
+
+
+def _mlp_critic(seed=0):
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(5, 16), nn.Tanh(), nn.Linear(16, 16), nn.Tanh(),
+                         nn.Linear(16, 1))
+
+
+def _gp_steps(model, shape, dtype, steps=2, seed=3):
+    """WGAN-GP critic steps: loss = mean D(x) + 10 * (||dD/dx|| - 1)^2 (create_graph=True)."""
+    opt = torch.optim.SGD(model.parameters(), lr=0.02)
+    g = torch.Generator().manual_seed(seed)
+    grads = []
+    for _ in range(steps):
+        x = torch.randn(4, *shape, generator=g).to(dtype).requires_grad_()
+        opt.zero_grad()
+        out = model(x)
+        (gx,) = torch.autograd.grad(out.sum(), x, create_graph=True)
+        penalty = 10 * (gx.flatten(1).norm(dim=1) - 1).square().mean()
+        (out.mean() + penalty).backward()
+        grads.append([p.grad.clone() for p in model.parameters()])
+        opt.step()
+    return grads
+
+
+def _per_layer(model, fn, **kw):
+    torch.manual_seed(1)  # the same draws, in model order, as spectral_norm_model
+    for m in model.modules():
+        if isinstance(m, (nn.Linear, nn.Conv2d)):
+            fn(m, **kw)
+    return model
+
+
+STRATEGY_PATHS = [("auto", "inline"), ("auto", "scaled_outputs"), ("torch", "scaled_outputs"),
+                  ("triton", "fused_weights"), ("auto", "per_layer")]
+
+
+@pytest.mark.parametrize("critic", ["conv", "mlp"])
+@pytest.mark.parametrize("backend,strategy", STRATEGY_PATHS)
+def test_gradient_penalty_step_matches_torch(backend, strategy, critic):
+    """Two WGAN-GP steps against torch's per-layer spectral_norm: float64 where the backend
+    has it (then equal to ~1e-15), float32 Triton by the rule of tests/layers.py (torch's own
+    float32 penalty gradient is 5e-4 off its float64 one on the MLP: ill-conditioned)."""
+    _skip_unavailable("cpp" if backend == "auto" else backend)
+    make, shape = (_conv_critic, (3, 8, 8)) if critic == "conv" else (_mlp_critic, (5,))
+    if strategy == "inline" and critic == "conv":
+        pytest.skip("strategy='inline' is Linear-only")
+    dtype = torch.float32 if backend == "triton" else torch.float64
+    want64 = _gp_steps(_per_layer(make().double(), torch_sn), shape, torch.float64)
+    want32 = _gp_steps(_per_layer(make(), torch_sn), shape, torch.float32)
+    if strategy == "per_layer":
+        model = _per_layer(make().to(dtype), lipkern.nn.spectral_norm)
+    else:
+        model = make().to(dtype)
+        torch.manual_seed(1)
+        model = lipkern.nn.spectral_norm_model(model, backend=backend, strategy=strategy)
+    got = _gp_steps(model, shape, dtype)
+    for k, (step_got, s64, s32) in enumerate(zip(got, want64, want32)):
+        for i, (a, b, c) in enumerate(zip(step_got, s64, s32)):
+            assert_close_rule(f"step {k} param {i}", a, b, c)
+
+
+def test_sn_linear_gradgradcheck_float64():
+    """lipkern::sn_linear with n_iters=0 (u, v given: the rule is then the exact derivative)."""
+    if not HAS_EXT:
+        pytest.skip("lipkern._C not built")
+    g = torch.Generator().manual_seed(0)
+    x, w, b = (torch.randn(*s, generator=g, dtype=torch.float64) for s in ((3, 4), (5, 4), (5,)))
+    u, v = torch.randn(5, generator=g, dtype=torch.float64), torch.randn(4, generator=g,
+                                                                       dtype=torch.float64)
+
+    def f(x, w, b):
+        return lipkern.ops.sn_linear.sn_linear(x, w, b, u, v, 0)[0]
+    assert torch.autograd.gradgradcheck(f, leaf([x, w, b]), atol=1e-6, rtol=1e-4)

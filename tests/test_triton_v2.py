@@ -227,3 +227,33 @@ def test_persistent_mode_with_one_program_per_layer(monkeypatch):
         torch.testing.assert_close(sig.double(), want, rtol=2e-5, atol=0)
     finally:
         v2_conv.plan_for.cache_clear()
+
+
+@pytest.mark.parametrize("scale", [1e-30, 1e30])
+def test_sigma_scales_from_tiny_to_huge(scale):
+    """N1/N3: sigma of c*W is c*sigma(W) for c = 1e-30 and 1e30 (float64 sums of squares,
+    floors relative to max|W|), in both variants."""
+    ws, specs = make_weights(V2_LAYERS[:1], seed=9)
+    layout = _layout(ws, specs)
+    for sn in (False, True):
+        x0, u0 = _start(layout, sn)
+        base = v2_conv.forward(ws, x0, u0, layout, 1, 1e-12, -1.0, mode="step",
+                               programs_per_layer=2)[0]
+        got = v2_conv.forward([w * scale for w in ws], x0, u0, layout, 1, 1e-12, -1.0,
+                              mode="step", programs_per_layer=2)[0]
+        torch.testing.assert_close(got.double() / scale, base.double(), rtol=1e-5, atol=0)
+
+
+def test_zero_and_nan_start_vectors_use_the_fallback():
+    """N4: an all-zero or non-finite x0 becomes lipkern.layout.fallback_vector, as in the
+    reference; decided alike by the 3 members of each layer."""
+    ws, specs = make_weights(V2_LAYERS[2:4], seed=10)
+    layout = _layout(ws, specs)
+    x0 = torch.zeros(layout.total_x)
+    x0[layout.x_slice(1)] = float("nan")
+    sig, _, _, x, _ = v2_conv.forward(ws, x0, None, layout, 1, 1e-12, -1.0, mode="step",
+                                      programs_per_layer=3)
+    want = ref.power_iter([w.double() for w in ws], specs, n_iters=1,
+                          state=_state(layout, x0, None).to(torch.float64))
+    torch.testing.assert_close(sig.double(), want.sigmas, rtol=2e-5, atol=0)
+    torch.testing.assert_close(x.double(), want.state.x, rtol=0, atol=2e-5)

@@ -91,7 +91,7 @@ def _conv_c_phase(w_ptr, src_ptr, dst_ptr, CIN, H, W, COUT, OH, OW, KH, KW, SH, 
     KK = KH * KW
     R = CIG * KK
     P = OH * OW
-    ss = tl.zeros([BLOCK_C, BLOCK_P], tl.float32)
+    ss = tl.zeros([BLOCK_C, BLOCK_P], tl.float64)  # N3: squares of 1e20 overflow fp32
     for g in range(G):
         for c0 in range(0, COG, BLOCK_C):
             co = c0 + tl.arange(0, BLOCK_C)
@@ -117,7 +117,8 @@ def _conv_c_phase(w_ptr, src_ptr, dst_ptr, CIN, H, W, COUT, OH, OW, KH, KW, SH, 
                     acc += tl.dot(wt, xv, input_precision="ieee")
                 tl.store(dst_ptr + (g * COG + co)[:, None] * P + pm[None, :], acc,
                          mask=cmask[:, None] & pmask[None, :])
-                ss += acc * acc
+                a64 = acc.to(tl.float64)
+                ss += a64 * a64
     return tl.sum(ss)
 
 
@@ -133,7 +134,7 @@ def _conv_ct_phase(w_ptr, src_ptr, dst_ptr, CIN, H, W, COUT, OH, OW, KH, KW, SH,
     R2 = COG * KK         # reduction length of the adjoint
     P2 = H * W
     OP = OH * OW
-    ss = tl.zeros([BLOCK_C, BLOCK_P], tl.float32)
+    ss = tl.zeros([BLOCK_C, BLOCK_P], tl.float64)  # N3: squares of 1e20 overflow fp32
     for g in range(G):
         for c0 in range(0, CIG, BLOCK_C):
             ci = c0 + tl.arange(0, BLOCK_C)
@@ -172,7 +173,8 @@ def _conv_ct_phase(w_ptr, src_ptr, dst_ptr, CIN, H, W, COUT, OH, OW, KH, KW, SH,
                             acc += tl.dot(wt, yv, input_precision="ieee")
                 tl.store(dst_ptr + (g * CIG + ci)[:, None] * P2 + pm[None, :], acc,
                          mask=cmask[:, None] & pmask[None, :])
-                ss += acc * acc
+                a64 = acc.to(tl.float64)
+                ss += a64 * a64
     return tl.sum(ss)
 
 
@@ -181,7 +183,7 @@ def _dense_pass(w_ptr, x_ptr, y_ptr, xn_ptr, M, N, ACCUM,
                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     """y = W x (W row-major (M, N)); if ACCUM, also xn += W^T y, row block by row block, so
     W is streamed once per iteration. Returns ||y||^2."""
-    ss = tl.zeros([BLOCK_M], tl.float32)
+    ss = tl.zeros([BLOCK_M], tl.float64)
     for m0 in range(0, M, BLOCK_M):
         rows = m0 + tl.arange(0, BLOCK_M)
         rmask = rows < M
@@ -194,7 +196,7 @@ def _dense_pass(w_ptr, x_ptr, y_ptr, xn_ptr, M, N, ACCUM,
             xv = tl.load(x_ptr + cols, mask=cmask, other=0.0)
             yb += tl.sum(wt * xv[None, :], axis=1)
         tl.store(y_ptr + rows, yb, mask=rmask)
-        ss += yb * yb
+        ss += yb.to(tl.float64) * yb.to(tl.float64)
         if ACCUM != 0:
             for n0 in range(0, N, BLOCK_N):
                 cols = n0 + tl.arange(0, BLOCK_N)
@@ -209,12 +211,67 @@ def _dense_pass(w_ptr, x_ptr, y_ptr, xn_ptr, M, N, ACCUM,
 
 @triton.jit
 def _sumsq(src_ptr, N, BLOCK_V: tl.constexpr):
-    ss = tl.zeros([BLOCK_V], tl.float32)
+    """sum of squares, accumulated in float64 (N3 of lipkern.reference: a float32 entry
+    above ~1.8e19 squares to inf, one below ~1e-19 to a subnormal)."""
+    ss = tl.zeros([BLOCK_V], tl.float64)
     for n0 in range(0, N, BLOCK_V):
         offs = n0 + tl.arange(0, BLOCK_V)
-        v = tl.load(src_ptr + offs, mask=offs < N, other=0.0).to(tl.float32)
+        v = tl.load(src_ptr + offs, mask=offs < N, other=0.0).to(tl.float64)
         ss += v * v
     return tl.sum(ss)
+
+
+@triton.jit
+def _norm(src_ptr, N, BLOCK_V: tl.constexpr):
+    """||src|| in float32 (the sum in float64)."""
+    return tl.sqrt(_sumsq(src_ptr, N, BLOCK_V)).to(tl.float32)
+
+
+@triton.jit
+def _maxabs(src_ptr, N, BLOCK_V: tl.constexpr):
+    m = tl.zeros([BLOCK_V], tl.float32)
+    for n0 in range(0, N, BLOCK_V):
+        offs = n0 + tl.arange(0, BLOCK_V)
+        m = tl.maximum(m, tl.abs(tl.load(src_ptr + offs, mask=offs < N, other=0.0)
+                                 .to(tl.float32)))
+    return tl.max(m, 0)
+
+
+@triton.jit
+def _floored(norm, w_ptr, n_w, eps, BLOCK_V: tl.constexpr):
+    """max(norm, f), f = max(eps * min(1, max|W|), tiny) (N1 of lipkern.reference). f <= eps,
+    so W is read only for a norm below eps."""
+    d = norm
+    if norm < eps:
+        f = eps * tl.minimum(_maxabs(w_ptr, n_w, BLOCK_V), 1.0)
+        d = tl.maximum(norm, tl.maximum(f, 1.1754943508222875e-38))
+    return d
+
+
+@triton.jit
+def _fallback_into(dst_ptr, N, BLOCK_V: tl.constexpr):
+    """lipkern.layout.fallback_vector: (i * 2654435761 + 1013904223) mod 2^32, / 2^32 - 0.5
+    (exact int64 arithmetic, the same numbers as every other backend)."""
+    for n0 in range(0, N, BLOCK_V):
+        offs = n0 + tl.arange(0, BLOCK_V)
+        h = (offs.to(tl.int64) * 2654435761 + 1013904223) % 4294967296
+        tl.store(dst_ptr + offs, (h.to(tl.float64) / 4294967296.0 - 0.5).to(tl.float32),
+                 mask=offs < N)
+
+
+@triton.jit
+def _start_into(src_ptr, dst_ptr, N, eps, BLOCK_V: tl.constexpr):
+    """dst = src / max(||src||, eps), or the normalized fallback vector when src is all zero
+    or not finite (N4); src may be the fp32 state or start vector."""
+    n0 = _norm(src_ptr, N, BLOCK_V)
+    if (n0 > 0) & (n0 < float("inf")):
+        _scale_into(src_ptr, dst_ptr, N, 1.0 / tl.maximum(n0, eps), 0, BLOCK_V)
+    else:
+        _fallback_into(dst_ptr, N, BLOCK_V)
+        tl.debug_barrier()
+        n1 = _norm(dst_ptr, N, BLOCK_V)
+        tl.debug_barrier()
+        _scale_into(dst_ptr, dst_ptr, N, 1.0 / tl.maximum(n1, eps), 0, BLOCK_V)
 
 
 @triton.jit
@@ -272,7 +329,7 @@ def _adjoint_into(kind, w_ptr, src, dst, CIN, H, W, COUT, OH, OW, KH, KW, SH, SW
 @triton.jit
 def _dense_adjoint(w_ptr, src_ptr, dst_ptr, M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     """dst = W^T src (W row-major (M, N)), column block by column block; returns ||dst||^2."""
-    ss = tl.zeros([BLOCK_N], tl.float32)
+    ss = tl.zeros([BLOCK_N], tl.float64)
     for n0 in range(0, N, BLOCK_N):
         cols = n0 + tl.arange(0, BLOCK_N)
         cmask = cols < N
@@ -285,13 +342,40 @@ def _dense_adjoint(w_ptr, src_ptr, dst_ptr, M, N, BLOCK_M: tl.constexpr, BLOCK_N
             sv = tl.load(src_ptr + rows, mask=rmask, other=0.0)
             acc += tl.sum(wt * sv[:, None], axis=0)
         tl.store(dst_ptr + cols, acc, mask=cmask)
-        ss += acc * acc
+        ss += acc.to(tl.float64) * acc.to(tl.float64)
     return tl.sum(ss)
 
 
 @triton.jit
-def _iterate_power(kind, w_ptr, x, u, xn, NX, NY, n_iters, eps, tol, CIN, H, W, COUT, OH, OW,
-                   KH, KW, SH, SW, PH, PW, DH, DW, G, CIRC, HAS_CONV: tl.constexpr,
+def _adjoint_step(kind, w_ptr, x, u, xn, ss, n_w, NX, NY, eps, CIN, H, W, COUT, OH, OW, KH, KW,
+                  SH, SW, PH, PW, DH, DW, G, CIRC, HAS_CONV: tl.constexpr,
+                  BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_R: tl.constexpr,
+                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr):
+    """The adjoint half-step after u_raw = A x with ss = ||u_raw||^2 (fp64): u = u_raw /
+    max(||u_raw||, f) in place, x = A^T u / max(||A^T u||, f), xn = 0; returns ||A^T u||.
+    A dense layer's xn already holds A^T u_raw from its one pass over W; that is used only
+    while ss lies in [2^-60, 2^60] (an accumulator of size sigma^2 that cannot overflow or
+    underflow fp32: N2 of lipkern.reference), else A^T u runs here on the unit u."""
+    cu = 1.0 / _floored(tl.sqrt(ss).to(tl.float32), w_ptr, n_w, eps, BLOCK_V)
+    _scale_into(u, u, NY, cu, 0, BLOCK_V)
+    tl.debug_barrier()
+    one_pass = (kind == 0) & (ss >= 8.673617379884035e-19) & (ss <= 1.152921504606847e18)
+    if not one_pass:
+        _adjoint_into(kind, w_ptr, u, xn, CIN, H, W, COUT, OH, OW, KH, KW, SH, SW, PH, PW, DH,
+                      DW, G, CIRC, HAS_CONV, BLOCK_C, BLOCK_P, BLOCK_R, BLOCK_M, BLOCK_N)
+        tl.debug_barrier()
+    c = tl.where(one_pass, cu, 1.0)  # A^T u = c * xn
+    t = _norm(xn, NX, BLOCK_V) * c
+    tl.debug_barrier()
+    # x = A^T u / max(||A^T u||, f), and xn = 0 for the next dense accumulation
+    _scale_into(xn, x, NX, c / _floored(t, w_ptr, n_w, eps, BLOCK_V), 1, BLOCK_V)
+    tl.debug_barrier()
+    return t
+
+
+@triton.jit
+def _iterate_power(kind, w_ptr, x, u, xn, NX, NY, n_w, n_iters, eps, tol, CIN, H, W, COUT, OH,
+                   OW, KH, KW, SH, SW, PH, PW, DH, DW, G, CIRC, HAS_CONV: tl.constexpr,
                    BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_R: tl.constexpr,
                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr):
     """The default update on one layer (x unit, xn zero on entry): leaves u = A x / sigma,
@@ -299,32 +383,26 @@ def _iterate_power(kind, w_ptr, x, u, xn, NX, NY, n_iters, eps, tol, CIN, H, W, 
     k = 0
     s_prev = -1.0
     while k < n_iters:
-        s = tl.sqrt(_apply_a(kind, w_ptr, x, u, xn, 1, CIN, H, W, COUT, OH, OW, KH, KW,
-                             SH, SW, PH, PW, DH, DW, G, CIRC, HAS_CONV,
-                             BLOCK_C, BLOCK_P, BLOCK_R, BLOCK_M, BLOCK_N))
+        ss = _apply_a(kind, w_ptr, x, u, xn, 1, CIN, H, W, COUT, OH, OW, KH, KW,
+                      SH, SW, PH, PW, DH, DW, G, CIRC, HAS_CONV,
+                      BLOCK_C, BLOCK_P, BLOCK_R, BLOCK_M, BLOCK_N)
+        s = tl.sqrt(ss).to(tl.float32)
         tl.debug_barrier()
         done = (tol >= 0) & (k > 0) & (tl.abs(s - s_prev) <= tol * s)
         if done:
             k = n_iters
         else:
-            if kind != 0:  # dense layers accumulated W^T y in the pass above
-                _adjoint_into(kind, w_ptr, u, xn, CIN, H, W, COUT, OH, OW, KH, KW, SH, SW, PH,
-                              PW, DH, DW, G, CIRC, HAS_CONV, BLOCK_C, BLOCK_P, BLOCK_R,
-                              BLOCK_M, BLOCK_N)
-            tl.debug_barrier()
-            nx = tl.sqrt(_sumsq(xn, NX, BLOCK_V))
-            tl.debug_barrier()
-            # x = xn / max(||xn||, eps), and xn = 0 for the next dense accumulation
-            _scale_into(xn, x, NX, 1.0 / tl.maximum(nx, eps), 1, BLOCK_V)
-            tl.debug_barrier()
+            _adjoint_step(kind, w_ptr, x, u, xn, ss, n_w, NX, NY, eps, CIN, H, W, COUT, OH, OW,
+                          KH, KW, SH, SW, PH, PW, DH, DW, G, CIRC, HAS_CONV, BLOCK_C, BLOCK_P,
+                          BLOCK_R, BLOCK_M, BLOCK_N, BLOCK_V)
             k += 1
         s_prev = s
 
     sigma = tl.sqrt(_apply_a(kind, w_ptr, x, u, xn, 0, CIN, H, W, COUT, OH, OW, KH, KW,
                              SH, SW, PH, PW, DH, DW, G, CIRC, HAS_CONV,
-                             BLOCK_C, BLOCK_P, BLOCK_R, BLOCK_M, BLOCK_N))
+                             BLOCK_C, BLOCK_P, BLOCK_R, BLOCK_M, BLOCK_N)).to(tl.float32)
     tl.debug_barrier()
-    _scale_into(u, u, NY, 1.0 / tl.maximum(sigma, eps), 0, BLOCK_V)
+    _scale_into(u, u, NY, 1.0 / _floored(sigma, w_ptr, n_w, eps, BLOCK_V), 0, BLOCK_V)
     return sigma
 
 
@@ -341,19 +419,18 @@ def _dot(a_ptr, b_ptr, N, BLOCK_V: tl.constexpr):
 
 
 @triton.jit
-def _iterate_sn(kind, w_ptr, x, u, xn, u0, NX, NY, n_iters, eps, CIN, H, W, COUT, OH, OW,
+def _iterate_sn(kind, w_ptr, x, u, xn, u0, NX, NY, n_w, n_iters, eps, CIN, H, W, COUT, OH, OW,
                 KH, KW, SH, SW, PH, PW, DH, DW, G, CIRC, HAS_CONV: tl.constexpr,
                 BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_R: tl.constexpr,
                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr):
     """torch's spectral_norm update on one layer (x unit, xn zero on entry): per iteration
     u = normalize(A x), x = normalize(A^T u); returns sigma = u^T A x, which after an iteration
-    is ||A^T u||^2 / max(||A^T u||, eps) (x is A^T u normalized): no extra matvec. With no
-    iteration (eval mode): u = normalize(u0), sigma = <x, A^T u>. Dense layers keep the
-    one-pass W^T W x: the accumulator holds A^T y = ||y|| A^T u, rescaled here."""
+    is t * (t / max(t, f)) with t = ||A^T u|| (x is A^T u normalized): no extra matvec, and
+    no t^2 that could overflow. With no iteration (eval mode): u = normalize(u0),
+    sigma = <x, A^T u>."""
     t = eps * 0.0
     if n_iters == 0:
-        nu = tl.sqrt(_sumsq(u0, NY, BLOCK_V))
-        _scale_into(u0, u, NY, 1.0 / tl.maximum(nu, eps), 0, BLOCK_V)
+        _start_into(u0, u, NY, eps, BLOCK_V)
         tl.debug_barrier()
         _adjoint_into(kind, w_ptr, u, xn, CIN, H, W, COUT, OH, OW, KH, KW, SH, SW, PH, PW,
                       DH, DW, G, CIRC, HAS_CONV, BLOCK_C, BLOCK_P, BLOCK_R, BLOCK_M, BLOCK_N)
@@ -361,25 +438,14 @@ def _iterate_sn(kind, w_ptr, x, u, xn, u0, NX, NY, n_iters, eps, CIN, H, W, COUT
         sigma = _dot(x, xn, NX, BLOCK_V)
     else:
         for _k in range(n_iters):
-            ms = tl.maximum(tl.sqrt(_apply_a(kind, w_ptr, x, u, xn, 1, CIN, H, W, COUT, OH,
-                                             OW, KH, KW, SH, SW, PH, PW, DH, DW, G, CIRC, HAS_CONV,
-                                             BLOCK_C, BLOCK_P, BLOCK_R, BLOCK_M, BLOCK_N)),
-                            eps)
+            ss = _apply_a(kind, w_ptr, x, u, xn, 1, CIN, H, W, COUT, OH, OW, KH, KW, SH, SW,
+                          PH, PW, DH, DW, G, CIRC, HAS_CONV, BLOCK_C, BLOCK_P, BLOCK_R,
+                          BLOCK_M, BLOCK_N)
             tl.debug_barrier()
-            _scale_into(u, u, NY, 1.0 / ms, 0, BLOCK_V)
-            tl.debug_barrier()
-            if kind != 0:
-                _adjoint_into(kind, w_ptr, u, xn, CIN, H, W, COUT, OH, OW, KH, KW, SH, SW, PH,
-                              PW, DH, DW, G, CIRC, HAS_CONV, BLOCK_C, BLOCK_P, BLOCK_R,
-                              BLOCK_M, BLOCK_N)
-                tl.debug_barrier()
-            c = tl.where(kind == 0, ms, 1.0)
-            t = tl.sqrt(_sumsq(xn, NX, BLOCK_V)) / c
-            tl.debug_barrier()
-            # x = A^T u / max(||A^T u||, eps), and xn = 0 for the next dense accumulation
-            _scale_into(xn, x, NX, 1.0 / (c * tl.maximum(t, eps)), 1, BLOCK_V)
-            tl.debug_barrier()
-        sigma = t * t / tl.maximum(t, eps)
+            t = _adjoint_step(kind, w_ptr, x, u, xn, ss, n_w, NX, NY, eps, CIN, H, W, COUT, OH,
+                              OW, KH, KW, SH, SW, PH, PW, DH, DW, G, CIRC, HAS_CONV, BLOCK_C,
+                              BLOCK_P, BLOCK_R, BLOCK_M, BLOCK_N, BLOCK_V)
+        sigma = t * (t / _floored(t, w_ptr, n_w, eps, BLOCK_V))
     return sigma
 
 
@@ -418,25 +484,26 @@ def power_iter_fwd_kernel(
     xn = xn_ptr + x_off
     u = u_ptr + y_off
 
-    # x = x0 / max(||x0||, eps); xn = 0 (the dense accumulator)
-    n0 = tl.sqrt(_sumsq(x0_ptr + x_off, NX, BLOCK_V))
-    _scale_into(x0_ptr + x_off, x, NX, 1.0 / tl.maximum(n0, eps), 0, BLOCK_V)
+    n_w = COUT * (CIN // G) * KH * KW
+    # x = x0 / max(||x0||, eps) (the fallback vector for a zero/non-finite x0); xn = 0 (the
+    # dense accumulator)
+    _start_into(x0_ptr + x_off, x, NX, eps, BLOCK_V)
+    tl.debug_barrier()
     _scale_into(x, xn, NX, 0.0, 0, BLOCK_V)
     tl.debug_barrier()
 
     if SN_VARIANT:
-        sigma = _iterate_sn(kind, w_ptr, x, u, xn, u0_ptr + y_off, NX, NY, n_iters, eps, CIN, H,
-                            W, COUT, OH, OW, KH, KW, SH, SW, PH, PW, DH, DW, G, CIRC, HAS_CONV,
-                            BLOCK_C, BLOCK_P, BLOCK_R, BLOCK_M, BLOCK_N, BLOCK_V)
+        sigma = _iterate_sn(kind, w_ptr, x, u, xn, u0_ptr + y_off, NX, NY, n_w, n_iters, eps,
+                            CIN, H, W, COUT, OH, OW, KH, KW, SH, SW, PH, PW, DH, DW, G, CIRC,
+                            HAS_CONV, BLOCK_C, BLOCK_P, BLOCK_R, BLOCK_M, BLOCK_N, BLOCK_V)
     else:
-        sigma = _iterate_power(kind, w_ptr, x, u, xn, NX, NY, n_iters, eps, tol, CIN, H, W,
+        sigma = _iterate_power(kind, w_ptr, x, u, xn, NX, NY, n_w, n_iters, eps, tol, CIN, H, W,
                                COUT, OH, OW, KH, KW, SH, SW, PH, PW, DH, DW, G, CIRC, HAS_CONV,
                                BLOCK_C, BLOCK_P, BLOCK_R, BLOCK_M, BLOCK_N, BLOCK_V)
     tl.store(sig_ptr + l, sigma)
     if WRITE_WHAT:
         # W / sigma rounded once from the exact quotient (div_rn), as torch's `weight / sigma`
         # is: the normalized weight matches torch's to the last bit for the same sigma
-        n_w = COUT * (CIN // G) * KH * KW
         for e0 in range(0, n_w, BLOCK_V):
             offs = e0 + tl.arange(0, BLOCK_V)
             m = offs < n_w
@@ -451,7 +518,9 @@ def power_iter_fwd_kernel(
         idx = tl.arange(0, BLOCK_L)
         sl = tl.load(sig_ptr + idx, mask=idx < L, other=1.0, cache_modifier=".cg")
         tl.store(lip_ptr, tl.reduce(sl, 0, _mul))
-        logs = tl.where(sl > 0, tl.log(tl.maximum(sl, 1e-38)), float("-inf"))
+        # N5: a zero sigma logs as -inf, a NaN one as NaN
+        logs = tl.where(sl > 0, tl.log(tl.maximum(sl, 1e-38)),
+                        tl.where(sl == 0, float("-inf"), float("nan")))
         tl.store(loglip_ptr, tl.sum(tl.where(idx < L, logs, 0.0)))
         tl.atomic_xchg(counter_ptr, 0)  # ready for the next launch on this stream
 

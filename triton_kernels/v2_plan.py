@@ -66,6 +66,20 @@ class ConvClass(NamedTuple):
     BNO: int
     BKI: int
     BKO: int
+    # the C^T taps of parity class r (ih = r mod SH): kh = KH0_r + KSH_r * a, a < NKH_r
+    # (tap_progression), r = 0, 1; the same for the width
+    KH0_0: int = 0
+    KSH_0: int = 1
+    NKH_0: int = 0
+    KH0_1: int = 0
+    KSH_1: int = 1
+    NKH_1: int = 0
+    KW0_0: int = 0
+    KSW_0: int = 1
+    NKW_0: int = 0
+    KW0_1: int = 0
+    KSW_1: int = 1
+    NKW_1: int = 0
 
 
 def _next_pow2(n: int) -> int:
@@ -104,13 +118,29 @@ def why_not_covered(g) -> Optional[str]:
     return None
 
 
+def tap_progression(r: int, k: int, s: int, p: int, d: int) -> Tuple[int, int, int]:
+    """(start, step, count) of the taps kh < k with (r + p - kh*d) % s == 0: the taps of C
+    that reach the input pixels ih = r (mod s) in C^T (s in 1, 2: an arithmetic
+    progression, asserted against the brute-force set)."""
+    hits = [kh for kh in range(k) if (r + p - kh * d) % s == 0]
+    if not hits:
+        return 0, 1, 0
+    step = hits[1] - hits[0] if len(hits) > 1 else 1
+    assert hits == list(range(hits[0], hits[0] + step * len(hits), step)), hits
+    return hits[0], step, len(hits)
+
+
 def conv_class(g, block_p: int = 64) -> ConvClass:
     """The shape class of a covered layer. block_p: pixels per tile (a power of two >= 16)."""
     bni, bno = channel_block(g.cin), channel_block(g.cout)
+    taps = []
+    for k, s, p, d in ((g.kh, g.sh, g.ph, g.dh), (g.kw, g.sw, g.pw, g.dw)):
+        for r in (0, 1):
+            taps += tap_progression(r, k, s, p, d) if r < s else (0, 1, 0)
     return ConvClass(int(g.kind == KIND_CONV_T), g.cin, g.h, g.w, g.cout, g.oh, g.ow, g.kh,
                      g.kw, g.sh, g.sw, g.ph, g.pw, g.dh, g.dw, int(g.circular),
                      padded_channels(g.cin), padded_channels(g.cout), block_p, bni, bno,
-                     min(32, bni), min(32, bno))
+                     min(32, bni), min(32, bno), *taps)
 
 
 def phase_items(c: ConvClass) -> Tuple[int, int]:
@@ -155,22 +185,43 @@ def device_desc(device) -> DeviceDesc:
 def size_groups(works: Sequence[int], max_members: Sequence[int], sm_count: int,
                 gmax: int = MAX_PROGRAMS_PER_LAYER) -> Optional[List[int]]:
     """Programs per layer for the persistent mode: G_l >= 1, sum G_l <= sm_count (one CTA per
-    SM, so all are co-resident), G_l <= min(gmax, max_members[l]), the spare SMs handed out
-    one at a time to the layer with the most work per program (deterministic). None if the layers alone outnumber the SMs (the caller uses the step mode).
-    """
+    SM, so all are co-resident), G_l <= min(gmax, max_members[l]).
+
+    A phase lasts as long as its slowest layer, whose member does ceil(items/G) tiles of
+    work/items each: the sizing lowers that maximum. It repeatedly gives every layer at the
+    maximum the fewest extra programs that shorten it, and stops when that no longer fits
+    or a layer at the maximum cannot shrink (extra programs would then idle). Deterministic.
+    None if the layers alone outnumber the SMs (the caller uses the step mode)."""
     L = len(works)
     if L == 0 or L > sm_count:
         return None
-    cap = [max(1, min(gmax, int(m))) for m in max_members]
+    items = [max(1, int(m)) for m in max_members]
+    cap = [max(1, min(gmax, n)) for n in items]
     G = [1] * L
-    # greedy: each spare SM goes to the open layer with the most work per program (ties to
-    # the lower index), which balances the per-phase critical path work / G
-    for _ in range(sm_count - L):
-        open_ = [i for i in range(L) if G[i] < cap[i]]
-        if not open_:
+
+    def cost(i, g):
+        return -(-items[i] // g) * (works[i] / items[i])
+
+    def next_g(i):  # the smallest G' > G[i] with fewer tiles per member, or None
+        tiles = -(-items[i] // G[i])
+        if tiles == 1:
+            return None
+        g = -(-items[i] // (tiles - 1))
+        return g if g <= cap[i] else None
+
+    spare = sm_count - L
+    while True:
+        worst = max(cost(i, G[i]) for i in range(L))
+        top = [i for i in range(L) if cost(i, G[i]) == worst]
+        steps = [next_g(i) for i in top]
+        if any(g is None for g in steps):
             break
-        best = max(open_, key=lambda i: (works[i] / G[i], -i))
-        G[best] += 1
+        need = sum(g - G[i] for g, i in zip(steps, top))
+        if need > spare:
+            break
+        for g, i in zip(steps, top):
+            G[i] = g
+        spare -= need
     assert sum(G) <= sm_count and min(G) >= 1
     return G
 

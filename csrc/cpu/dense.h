@@ -7,6 +7,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <limits>
 #include <numeric>
 #include <vector>
 
@@ -49,10 +50,10 @@ LIPKERN_INLINE T dot_(const T* __restrict a, const T* __restrict b, int64_t n) {
      Four rows at a time: xn is loaded and stored once per four axpys (one row at a time,   \
      that load/store made a hot 512x512 pass 1.8x the dot-only pass; the dots stay one row  \
      at a time: a four-row dot ran 35% slower here).                                       \
-     Returns sum of y^2. */                                                                 \
-  LIPKERN_CLONES T dense_rows(const T* W, int64_t n, int64_t r0, int64_t r1, const T* x,    \
-                              T* y, T* __restrict xn) {                                     \
-    T ss = 0;                                                                               \
+     Returns sum of y^2, accumulated in double (a float32 y of 1e20 squares past float32). */ \
+  LIPKERN_CLONES double dense_rows(const T* W, int64_t n, int64_t r0, int64_t r1,           \
+                                   const T* x, T* y, T* __restrict xn) {                    \
+    double ss = 0;                                                                          \
     int64_t i = r0;                                                                         \
     for (; i + 4 <= r1; i += 4) {                                                           \
       const T* __restrict a0 = W + i * n;                                                   \
@@ -62,7 +63,7 @@ LIPKERN_INLINE T dot_(const T* __restrict a, const T* __restrict b, int64_t n) {
       const T d[4] = {dot_(a0, x, n), dot_(a1, x, n), dot_(a2, x, n), dot_(a3, x, n)};      \
       for (int k = 0; k < 4; ++k) {                                                         \
         y[i + k] = d[k];                                                                    \
-        ss += d[k] * d[k];                                                                  \
+        ss += double(d[k]) * d[k];                                                          \
       }                                                                                     \
       if (xn)                                                                               \
         for (int64_t j = 0; j < n; ++j)                                                     \
@@ -72,7 +73,7 @@ LIPKERN_INLINE T dot_(const T* __restrict a, const T* __restrict b, int64_t n) {
       const T* __restrict row = W + i * n;                                                  \
       const T acc = dot_(row, x, n);                                                        \
       y[i] = acc;                                                                           \
-      ss += acc * acc;                                                                      \
+      ss += double(acc) * acc;                                                              \
       if (xn)                                                                               \
         for (int64_t j = 0; j < n; ++j) xn[j] += acc * row[j];                              \
     }                                                                                       \
@@ -116,12 +117,51 @@ at::Tensor view(const T* p, int64_t rows, int64_t cols) {
                        at::TensorOptions().dtype(c10::CppTypeToScalarType<T>::value));
 }
 
+// Sums of squares in double: the squares of float32 entries above ~1.8e19 (sigma 1e30 is
+// in range, its square is not) overflow float32, those below ~1e-19 underflow it.
 template <typename T>
-T sumsq(const T* v, int64_t n) {
-  T s = 0;
+double sumsq(const T* v, int64_t n) {
+  double s = 0;
 #pragma omp simd reduction(+ : s)
-  for (int64_t i = 0; i < n; ++i) s += v[i] * v[i];
+  for (int64_t i = 0; i < n; ++i) s += double(v[i]) * double(v[i]);
   return s;
+}
+
+// max |v_i| (0 for n == 0)
+template <typename T>
+T maxabs(const T* v, int64_t n) {
+  T m = 0;
+#pragma omp simd reduction(max : m)
+  for (int64_t i = 0; i < n; ++i) m = std::max(m, std::abs(v[i]));
+  return m;
+}
+
+// The floor of an operator image's norm (reference.py, N1): eps * min(1, max|W|), not below
+// the smallest normal. Never below a norm >= eps, so max|W| (one pass over W) is read only
+// when a norm falls below eps, and then once per layer.
+template <typename T>
+struct ImageFloor {
+  const T* W;
+  int64_t n;
+  double eps;
+  T value = -1;
+  T at(T norm) {  // the divisor max(norm, floor)
+    if (norm >= T(eps)) return norm;
+    if (value < 0)
+      value = std::max(T(eps * std::min(1.0, double(maxabs(W, n)))),
+                       std::numeric_limits<T>::min());
+    return std::max(norm, value);
+  }
+};
+
+// The deterministic fallback start vector (lipkern.layout.fallback_vector): exact uint32
+// arithmetic, the same numbers as the Python, Triton and CUDA versions.
+template <typename T>
+void fallback_into(T* dst, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) {
+    const uint32_t h = uint32_t(i) * 2654435761u + 1013904223u;
+    dst[i] = T(double(h) / 4294967296.0 - 0.5);
+  }
 }
 
 template <typename T>
@@ -140,10 +180,23 @@ void scale_into(const T* src, T* dst, int64_t n, T s) {
 // dst = src / max(||src||, eps); returns ||src||
 template <typename T>
 T normalize_into(const T* src, T* dst, int64_t n, double eps) {
-  const T nrm = std::sqrt(sumsq(src, n));
+  const T nrm = T(std::sqrt(sumsq(src, n)));
   const T inv = T(1) / std::max(nrm, T(eps));
   for (int64_t i = 0; i < n; ++i) dst[i] = src[i] * inv;
   return nrm;
+}
+
+// A start vector (reference.start_vector): dst = src / max(||src||, eps), or the normalized
+// fallback vector when src is all zero or not finite (N4).
+template <typename T>
+void start_into(const T* src, T* dst, int64_t n, double eps) {
+  const double nrm = std::sqrt(sumsq(src, n));
+  if (std::isfinite(nrm) && nrm > 0) {
+    normalize_into(src, dst, n, eps);
+    return;
+  }
+  fallback_into(dst, n);
+  normalize_into(dst, dst, n, eps);
 }
 
 // Runs body(r0, r1, xn_part) -> T over the rows [0, rows) of a (rows, cols) matrix: in one
@@ -151,18 +204,19 @@ T normalize_into(const T* src, T* dst, int64_t n, double eps) {
 // `align`), each block with its own zeroed xn partial (nullptr when xn is). The partials are
 // summed into xn, which is overwritten. Returns the sum of the bodies' results.
 template <typename T, typename Body>
-T split_rows(int64_t rows, int64_t cols, T* xn, int nt, int64_t align, const Body& body) {
+double split_rows(int64_t rows, int64_t cols, T* xn, int nt, int64_t align, const Body& body) {
   if (xn) std::fill(xn, xn + cols, T(0));
   const int64_t units = (rows + align - 1) / align;
   nt = static_cast<int>(std::min<int64_t>(nt, units));
   if (nt <= 1) return body(int64_t(0), rows, xn);
   // per-thread partials: the calling thread's scratch, reused across calls (named through
   // references: inside the lambda a thread_local name would be the worker's own)
-  thread_local std::vector<T> part_tl, ss_tl;
+  thread_local std::vector<T> part_tl;
+  thread_local std::vector<double> ss_tl;
   std::vector<T>& part = part_tl;
-  std::vector<T>& ss = ss_tl;
+  std::vector<double>& ss = ss_tl;
   part.assign(xn ? size_t(nt) * cols : 0, T(0));
-  ss.assign(nt, T(0));
+  ss.assign(nt, 0.0);
   at::parallel_for(0, nt, 1, [&](int64_t b, int64_t e) {
     for (int64_t t = b; t < e; ++t) {
       const int64_t r0 = std::min(rows, align * (units * t / nt)),
@@ -172,14 +226,14 @@ T split_rows(int64_t rows, int64_t cols, T* xn, int nt, int64_t align, const Bod
   });
   if (xn)
     for (int t = 0; t < nt; ++t) add_into(xn, part.data() + t * cols, cols);
-  return std::accumulate(ss.begin(), ss.end(), T(0));
+  return std::accumulate(ss.begin(), ss.end(), 0.0);
 }
 
 // One pass over the (rows, cols) matrix W: y = W x and, when xn != nullptr, xn = W^T y
 // (row i still in L1). parallel: rows split over the threads, each with its own xn
-// partial. Returns sum of y^2.
+// partial. Returns sum of y^2 (in double).
 template <typename T>
-T dense_pass(int64_t rows, int64_t cols, const T* W, const T* x, T* y, T* xn, bool parallel) {
+double dense_pass(int64_t rows, int64_t cols, const T* W, const T* x, T* y, T* xn, bool parallel) {
   return split_rows(rows, cols, xn, parallel ? at::get_num_threads() : 1, 1,
                     [&](int64_t r0, int64_t r1, T* part) {
                       return dense_rows(W, cols, r0, r1, x, y, part);

@@ -245,7 +245,7 @@ const T* group_columns(const Geom& g, int64_t grp, const T* src, Scratch<T>& s) 
 }
 
 template <typename T>
-T apply_c(const Geom& g0, const T* W, const T* src, T* dst, Scratch<T>& s) {
+double apply_c(const Geom& g0, const T* W, const T* src, T* dst, Scratch<T>& s) {
   const Geom g = padded_geom(g0);
   src = padded_input(g0, src, s);
   const int64_t P = g.oh * g.ow, cog = g.cog(), R = g.red();
@@ -259,7 +259,7 @@ T apply_c(const Geom& g0, const T* W, const T* src, T* dst, Scratch<T>& s) {
 
 // dst (cin*h*w) = C^T src (cout*oh*ow); returns ||dst||^2.
 template <typename T>
-T apply_ct(const Geom& g0, const T* W, const T* src, T* dst, Scratch<T>& s) {
+double apply_ct(const Geom& g0, const T* W, const T* src, T* dst, Scratch<T>& s) {
   const Geom g = padded_geom(g0);
   T* target = g0.circular ? s.get(s.pad, g.in_numel()) : dst;
   const int64_t P = g.oh * g.ow, cog = g.cog(), R = g.red();
@@ -284,24 +284,41 @@ T apply_ct(const Geom& g0, const T* W, const T* src, T* dst, Scratch<T>& s) {
 
 // ---------------------------------------------------------------- one layer, forward
 template <typename T>
-T dense_pass(const Geom& g, const T* W, const T* x, T* y, T* xn, bool parallel) {
+double dense_pass(const Geom& g, const T* W, const T* x, T* y, T* xn, bool parallel) {
   return dense_pass(g.cout, g.cin, W, x, y, xn, parallel);
 }
 
 // y = A x (and for dense, xn = A^T A x in the same pass when xn != nullptr)
 template <typename T>
-T apply_a(const Geom& g, const T* W, const T* x, T* y, T* xn, Scratch<T>& s, bool parallel) {
+double apply_a(const Geom& g, const T* W, const T* x, T* y, T* xn, Scratch<T>& s, bool parallel) {
   if (g.kind == kDense) return dense_pass(g, W, x, y, xn, parallel);
   return g.kind == kConv ? apply_c(g, W, x, y, s) : apply_ct(g, W, x, y, s);
 }
 
+// The one-pass dense W^T (W x) is used only while ||W x||^2 lies in [2^-60, 2^60]: then the
+// accumulator (of size sigma^2) can neither overflow nor underflow float32 (N2 of
+// reference.py); outside, the half-steps run separately, each normalized.
+inline bool one_pass_ok(double ss) { return ss >= 0x1p-60 && ss <= 0x1p60; }
+
+// The adjoint half-step from u_raw = A x (ss = ||u_raw||^2): u = u_raw / max(||u_raw||, f)
+// in place, x = A^T u / max(||A^T u||, f); returns ||A^T u||. `accumulated`: xn already holds
+// A^T u_raw (the dense one pass), else xn is scratch and A^T u runs here.
 template <typename T>
-void apply_at(const Geom& g, const T* W, const T* y, T* xn, Scratch<T>& s) {
-  if (g.kind == kConv)
-    apply_ct(g, W, y, xn, s);
-  else if (g.kind == kConvT)
-    apply_c(g, W, y, xn, s);
-  // dense: already accumulated by apply_a
+T adjoint_half_step(const Geom& g, const T* W, T* u, double ss, bool accumulated, T* xn,
+                    T* x, ImageFloor<T>& f, Scratch<T>& s) {
+  const int64_t nx = g.x_numel(), ny = g.y_numel();
+  const T cu = T(1) / f.at(T(std::sqrt(ss)));
+  scale_into(u, u, ny, cu);
+  if (!accumulated) {
+    if (g.kind == kConvT)
+      apply_c(g, W, u, xn, s);
+    else
+      apply_ct(g, W, u, xn, s);  // a dense layer is a 1x1 conv: a plain GEMM here
+  }
+  const T c = accumulated ? cu : T(1);  // A^T u = c * xn
+  const T t = T(std::sqrt(sumsq(xn, nx))) * c;
+  scale_into(xn, x, nx, c / f.at(t));
+  return t;
 }
 
 template <typename T>
@@ -309,41 +326,42 @@ T forward_layer(const Geom& g, const T* W, const T* x0, T* x, T* u, int64_t n_it
                 double eps, double tol, Scratch<T>& s, bool parallel) {
   const int64_t nx = g.x_numel(), ny = g.y_numel();
   T* xn = s.get(s.xn, nx);
-  normalize_into(x0, x, nx, eps);
-  T s_prev = -1, sig2 = 0;
+  ImageFloor<T> f{W, g.w_numel(), eps};
+  start_into(x0, x, nx, eps);
+  T s_prev = -1;
+  double sig2 = 0;
   bool have_y = false;
   for (int64_t k = 0; k < n_iters; ++k) {
-    sig2 = apply_a(g, W, x, u, xn, s, parallel);
-    const T sk = std::sqrt(sig2);
+    const bool dense = g.kind == kDense;
+    sig2 = apply_a(g, W, x, u, dense ? xn : static_cast<T*>(nullptr), s, parallel);
+    const T sk = T(std::sqrt(sig2));
     if (tol >= 0 && k > 0 && std::abs(sk - s_prev) <= T(tol) * sk) {
       have_y = true;  // x unchanged since u = A x: that is the final step already
       break;
     }
     s_prev = sk;
-    apply_at(g, W, u, xn, s);
-    normalize_into(xn, x, nx, eps);
+    adjoint_half_step(g, W, u, sig2, dense && one_pass_ok(sig2), xn, x, f, s);
   }
   if (!have_y) sig2 = apply_a(g, W, x, u, static_cast<T*>(nullptr), s, parallel);
-  const T sigma = std::sqrt(sig2);
-  const T inv = T(1) / std::max(sigma, T(eps));
+  const T sigma = T(std::sqrt(sig2));
+  const T inv = T(1) / f.at(sigma);
   for (int64_t i = 0; i < ny; ++i) u[i] *= inv;
   return sigma;
 }
 
 // torch's spectral_norm update (variant "spectral_norm"): per iteration u = normalize(A x),
-// x = normalize(A^T u); sigma = u^T A x. After an iteration x = A^T u / ||A^T u||, so
-// u^T A x = ||A^T u||^2 / max(||A^T u||, eps): no extra matvec. With no iteration (eval
-// mode) sigma = u0^T A x0 = <x0, A^T u0>. Dense layers keep their one-pass W^T W x: their
-// accumulator holds A^T y = ||y|| A^T u, rescaled here.
+// x = normalize(A^T u); sigma = u^T A x. After an iteration x = A^T u / max(||A^T u||, f), so
+// u^T A x = ||A^T u|| * (||A^T u|| / max(||A^T u||, f)): no extra matvec, and no square that
+// could overflow. With no iteration (eval mode) sigma = u0^T A x0 = <x0, A^T u0>.
 template <typename T>
 T forward_layer_sn(const Geom& g, const T* W, const T* x0, const T* u0, T* x, T* u,
                    int64_t n_iters, double eps, Scratch<T>& s, bool parallel) {
   const int64_t nx = g.x_numel(), ny = g.y_numel();
-  const T e = T(eps);
   T* xn = s.get(s.xn, nx);
-  normalize_into(x0, x, nx, eps);
+  ImageFloor<T> f{W, g.w_numel(), eps};
+  start_into(x0, x, nx, eps);
   if (n_iters == 0) {
-    normalize_into(u0, u, ny, eps);
+    start_into(u0, u, ny, eps);
     if (g.kind == kConvT)
       apply_c(g, W, u, xn, s);
     else
@@ -352,14 +370,11 @@ T forward_layer_sn(const Geom& g, const T* W, const T* x0, const T* u0, T* x, T*
   }
   T t = 0;  // ||A^T u|| of the last iteration
   for (int64_t k = 0; k < n_iters; ++k) {
-    const T ms = std::max(std::sqrt(apply_a(g, W, x, u, xn, s, parallel)), e);
-    scale_into(u, u, ny, T(1) / ms);
-    apply_at(g, W, u, xn, s);
-    const T c = g.kind == kDense ? ms : T(1);
-    t = std::sqrt(sumsq(xn, nx)) / c;
-    scale_into(xn, x, nx, T(1) / (c * std::max(t, e)));
+    const bool dense = g.kind == kDense;
+    const double ss = apply_a(g, W, x, u, dense ? xn : static_cast<T*>(nullptr), s, parallel);
+    t = adjoint_half_step(g, W, u, ss, dense && one_pass_ok(ss), xn, x, f, s);
   }
-  return t * t / std::max(t, e);
+  return t * (t / f.at(t));
 }
 
 // ---------------------------------------------------------------- one layer, backward
@@ -482,8 +497,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> power_ite
   });
   // the bound: the product (no log/exp round trip) and the log-sum (-inf for a zero sigma)
   at::Tensor lip = sig.prod();
+  // (N5: a NaN sigma logs as NaN, not -inf)
   at::Tensor loglip = at::where(sig > 0, sig.clamp_min(1e-300).log(),
-                                at::full({}, -INFINITY, opt))
+                                at::where(sig == 0, at::full({}, -INFINITY, opt),
+                                          at::full({}, NAN, opt)))
                           .sum();
   return {sig, lip, loglip, x, u};
 }
@@ -502,6 +519,13 @@ at::Tensor power_iter_backward_cpu(const at::Tensor& x_in, const at::Tensor& u_i
   const at::Tensor x = x_in.contiguous(), u = u_in.contiguous(),
                    sig = sig_in.to(cdtype).contiguous();
   TORCH_CHECK(sig.numel() == L, "lipkern: sigmas must have one entry per layer");
+  int64_t total_x = 0, total_y = 0;
+  for (const auto& g : geoms) {
+    total_x += g.x_numel();
+    total_y += g.y_numel();
+  }
+  TORCH_CHECK(x.numel() == total_x && u.numel() == total_y, "lipkern: x / u must have ",
+              total_x, " / ", total_y, " elements, got ", x.numel(), " / ", u.numel());
   int64_t total_w = 0;
   for (const auto& g : geoms) total_w += g.w_numel();
   at::Tensor grad = at::empty({total_w}, x.options());

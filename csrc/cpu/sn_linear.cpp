@@ -30,6 +30,7 @@
 // renormalized before use, as the fused op does.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
+#include <ATen/core/grad_mode.h>
 #include <torch/autograd.h>
 #include <torch/library.h>
 
@@ -82,6 +83,8 @@ void check_forward(const Tensor& x, const Tensor& w, const std::optional<Tensor>
                    const Tensor& u, const Tensor& v, int64_t n_iters) {
   TORCH_CHECK(w.dim() == 2, "lipkern::sn_linear: weight must be 2-D (out, in), got ", w.dim(),
               "-D");
+  TORCH_CHECK(w.size(0) > 0 && w.size(1) > 0, "lipkern::sn_linear: weight is empty (",
+              w.sizes(), "): no spectral norm to divide by");
   const auto dt = w.scalar_type();
   TORCH_CHECK(dt == at::kFloat || dt == at::kDouble,
               "lipkern::sn_linear: weight must be float32 or float64, got ", dt);
@@ -224,6 +227,26 @@ std::tuple<Tensor, Tensor, Tensor> sn_linear_backward_cpu(
 using torch::autograd::AutogradContext;
 using torch::autograd::variable_list;
 
+// create_graph=True (gradient penalties): the same gradients as sn_linear_backward, written
+// as differentiable ATen ops on the saved x, weight and bias, so autograd can differentiate
+// them again. DESIGN's second-order rule: u_new and v_new are constants, so
+// sigma(W) = u^T W v is linear in W -- its value the forward's sigma, its gradient u v^T.
+variable_list differentiable_backward(const Tensor& gy, const variable_list& saved,
+                                      const std::array<bool, 3>& mask) {
+  const Tensor &xa = saved[0], &w = saved[1], &sigma = saved[3], &un = saved[4],
+               &x = saved[6];
+  const int64_t out = w.size(0), in = w.size(1), B = xa.size(0) - 1;
+  const Tensor d = at::outer(un, xa.select(0, B));  // dsigma/dW = u v^T (constants)
+  const Tensor s = sigma + ((w - w.detach()) * d).sum();
+  const Tensor x2 = x.reshape({B, in}), gz = gy.reshape({B, out}) / s;
+  const Tensor g_sigma = -(gz * at::mm(x2, w.t())).sum() / s;
+  variable_list res(7);
+  if (mask[0]) res[0] = at::mm(gz, w).view(x.sizes());
+  if (mask[1]) res[1] = at::mm(gz.t(), x2) + g_sigma * d;
+  if (mask[2]) res[2] = gy.reshape({B, out}).sum(0);
+  return res;
+}
+
 struct SnLinearFunction : public torch::autograd::Function<SnLinearFunction> {
   static variable_list forward(AutogradContext* ctx, const Tensor& x, const Tensor& w,
                                const std::optional<Tensor>& b, const Tensor& u,
@@ -237,7 +260,8 @@ struct SnLinearFunction : public torch::autograd::Function<SnLinearFunction> {
         op.call(x, w, b, u, v, n_iters, eps);
     // b (or an undefined tensor) only says whether there is a bias: needs_input_grad counts
     // the inputs that are tensors, so without one index 2 is u, not the bias
-    ctx->save_for_backward({xa, w, za, sigma, un, b.has_value() ? *b : Tensor()});
+    // x itself too (no copy): the second-order backward differentiates through it
+    ctx->save_for_backward({xa, w, za, sigma, un, b.has_value() ? *b : Tensor(), x});
     ctx->mark_non_differentiable({sigma, un, vn});
     return {y, sigma, un, vn};
   }
@@ -252,6 +276,7 @@ struct SnLinearFunction : public torch::autograd::Function<SnLinearFunction> {
     auto saved = ctx->get_saved_variables();
     const std::array<bool, 3> mask{ctx->needs_input_grad(0), ctx->needs_input_grad(1),
                                    saved[5].defined() && ctx->needs_input_grad(2)};
+    if (at::GradMode::is_enabled()) return differentiable_backward(gy, saved, mask);
     auto [gx, gw, gb] = op.call(gy, saved[0], saved[1], saved[2], saved[3], saved[4], mask);
     if (mask[0]) {  // x's shape: grad_y's leading dimensions, then in
       std::vector<int64_t> x_sizes(gy.sizes().begin(), gy.sizes().end());

@@ -39,6 +39,19 @@ __device__ T block_sum(T v) {
   return total;  // every thread gets the sum
 }
 
+template <typename T>
+__device__ T block_max(T v) {
+  __shared__ T warp_part[kThreads / 32];
+  for (int o = 16; o > 0; o >>= 1) v = fmax(v, __shfl_down_sync(0xffffffffu, v, o));
+  const int lane = threadIdx.x & 31, wid = threadIdx.x >> 5;
+  __syncthreads();
+  if (lane == 0) warp_part[wid] = v;
+  __syncthreads();
+  T m = 0;
+  for (int i = 0; i < kThreads / 32; ++i) m = fmax(m, warp_part[i]);
+  return m;  // every thread gets the max
+}
+
 __device__ inline int64_t wrap(int64_t i, int64_t n) { return ((i % n) + n) % n; }
 
 // Input coordinate that output coordinate o reads at kernel tap k: o*s - p + k*d, wrapped for
@@ -56,12 +69,13 @@ __device__ inline Geom load_geom(const int64_t* __restrict__ meta, int64_t l) {
               r[10], r[11], r[12], r[13], r[14], r[15], r[16], r[17], r[18], r[19]};
 }
 
-// dst (cout*oh*ow) = C src (cin*h*w); returns ||dst||^2 (to every thread).
+// dst (cout*oh*ow) = C src (cin*h*w); returns ||dst||^2 (to every thread), summed in double
+// (N3 of python/lipkern/reference.py: float32 squares overflow above ~1.8e19).
 template <typename T>
-__device__ T conv_c(const Geom& g, const T* __restrict__ w, const T* __restrict__ src,
+__device__ double conv_c(const Geom& g, const T* __restrict__ w, const T* __restrict__ src,
                     T* __restrict__ dst) {
   const int64_t P = g.oh * g.ow, cig = g.cig(), cog = g.cog(), R = g.red();
-  T ss = 0;
+  double ss = 0;
   for (int64_t i = threadIdx.x; i < g.out_numel(); i += blockDim.x) {
     const int64_t co = i / P, p = i % P, oh = p / g.ow, ow = p % g.ow, grp = co / cog;
     const T* wr = w + co * R;
@@ -79,7 +93,7 @@ __device__ T conv_c(const Geom& g, const T* __restrict__ w, const T* __restrict_
       }
     }
     dst[i] = acc;
-    ss += acc * acc;
+    ss += double(acc) * acc;
   }
   return block_sum(ss);
 }
@@ -87,11 +101,11 @@ __device__ T conv_c(const Geom& g, const T* __restrict__ w, const T* __restrict_
 // dst (cin*h*w) = C^T src (cout*oh*ow): input pixel (ih, iw) gathers the output pixels with
 // oh*sh + kh*dh == ih + ph (+ t*h for circular padding, t in {-1, 0, 1} since ph <= h).
 template <typename T>
-__device__ T conv_ct(const Geom& g, const T* __restrict__ w, const T* __restrict__ src,
+__device__ double conv_ct(const Geom& g, const T* __restrict__ w, const T* __restrict__ src,
                      T* __restrict__ dst) {
   const int64_t P = g.oh * g.ow, HW = g.h * g.w, cig = g.cig(), cog = g.cog(), R = g.red();
   const int64_t wrap_n = g.circular ? 1 : 0;
-  T ss = 0;
+  double ss = 0;
   for (int64_t i = threadIdx.x; i < g.in_numel(); i += blockDim.x) {
     const int64_t c = i / HW, q = i % HW, ih = q / g.w, iw = q % g.w;
     const int64_t grp = c / cig, ci = c % cig;
@@ -116,20 +130,20 @@ __device__ T conv_ct(const Geom& g, const T* __restrict__ w, const T* __restrict
         }
     }
     dst[i] = acc;
-    ss += acc * acc;
+    ss += double(acc) * acc;
   }
   return block_sum(ss);
 }
 
 // y = A x; returns ||y||^2
 template <typename T>
-__device__ T apply_a(const Geom& g, const T* w, const T* x, T* y) {
+__device__ double apply_a(const Geom& g, const T* w, const T* x, T* y) {
   return g.kind == kConvT ? conv_ct(g, w, x, y) : conv_c(g, w, x, y);
 }
 
 // xn = A^T y; returns ||xn||^2
 template <typename T>
-__device__ T apply_at(const Geom& g, const T* w, const T* y, T* xn) {
+__device__ double apply_at(const Geom& g, const T* w, const T* y, T* xn) {
   return g.kind == kConvT ? conv_c(g, w, y, xn) : conv_ct(g, w, y, xn);
 }
 
@@ -138,46 +152,110 @@ __device__ void scale_into(const T* src, T* dst, int64_t n, T s) {
   for (int64_t i = threadIdx.x; i < n; i += blockDim.x) dst[i] = src[i] * s;
 }
 
+// The floor of an operator image's norm (N1 of reference.py): max(norm, f) with
+// f = max(eps * min(1, max|W|), tiny). f <= eps, so max|W| (a block-wide pass over W) is read
+// only for a norm below eps. Block-uniform: every thread holds the same norm.
+template <typename T>
+struct ImageFloor {
+  const T* w;
+  int64_t n;
+  T eps;
+  T value;
+  __device__ T at(T norm) {
+    if (norm >= eps) return norm;
+    if (value < 0) {
+      T m = 0;
+      for (int64_t i = threadIdx.x; i < n; i += blockDim.x) m = fmax(m, fabs(w[i]));
+      m = block_max(m);
+      const T tiny = sizeof(T) == 4 ? T(1.1754943508222875e-38) : T(2.2250738585072014e-308);
+      value = fmax(eps * fmin(m, T(1)), tiny);
+    }
+    return fmax(norm, value);
+  }
+};
+
+// dst = src / max(||src||, eps), or the normalized fallback vector
+// (lipkern.layout.fallback_vector, exact uint32 arithmetic) for an all-zero or non-finite
+// src (N4). Block-wide.
+template <typename T>
+__device__ void start_into(const T* src, T* dst, int64_t n, T e) {
+  double s2 = 0;
+  for (int64_t i = threadIdx.x; i < n; i += blockDim.x) s2 += double(src[i]) * src[i];
+  const double n0 = sqrt(block_sum(s2));
+  if (isfinite(n0) && n0 > 0) {
+    scale_into(src, dst, n, T(1) / fmax(T(n0), e));
+    return;
+  }
+  double f2 = 0;
+  for (int64_t i = threadIdx.x; i < n; i += blockDim.x) {
+    const uint32_t h = uint32_t(i) * 2654435761u + 1013904223u;
+    const T v = T(double(h) / 4294967296.0 - 0.5);
+    dst[i] = v;
+    f2 += double(v) * v;
+  }
+  const T inv = T(1) / fmax(T(sqrt(block_sum(f2))), e);
+  __syncthreads();
+  scale_into(dst, dst, n, inv);
+}
+
+// The adjoint half-step after u_raw = A x (ss = ||u_raw||^2): u = u_raw / max(||u_raw||, f)
+// in place, x = A^T u / max(||A^T u||, f); returns ||A^T u||. Both halves normalized (N2):
+// nothing of size sigma^2 is formed.
+template <typename T>
+__device__ T adjoint_half_step(const Geom& g, const T* w, T* xl, T* ul, T* xnl, double ss,
+                               ImageFloor<T>& f) {
+  const int64_t nx = g.x_numel(), ny = g.y_numel();
+  const T cu = T(1) / f.at(T(sqrt(ss)));
+  __syncthreads();
+  scale_into(ul, ul, ny, cu);
+  __syncthreads();
+  const T t = T(sqrt(apply_at(g, w, ul, xnl)));
+  const T inv = T(1) / f.at(t);
+  __syncthreads();
+  scale_into(xnl, xl, nx, inv);
+  __syncthreads();
+  return t;
+}
+
 // The default update on one layer (block-wide): x normalized on entry; leaves u = A x / sigma
 // and returns sigma = ||A x||.
 template <typename T>
 __device__ T power_iter_layer(const Geom& g, const T* w, T* xl, T* ul, T* xnl, int64_t n_iters,
                               T e, T tol) {
-  const int64_t nx = g.x_numel(), ny = g.y_numel();
-  T s_prev = -1, sig2 = 0;
+  const int64_t ny = g.y_numel();
+  ImageFloor<T> f{w, g.w_numel(), e, T(-1)};
+  T s_prev = -1;
+  double sig2 = 0;
   bool have_y = false;
   for (int64_t k = 0; k < n_iters; ++k) {
     sig2 = apply_a(g, w, xl, ul);  // block_sum synchronizes: y complete below
-    const T sk = sqrt(sig2);
+    const T sk = T(sqrt(sig2));
     if (tol >= 0 && k > 0 && fabs(sk - s_prev) <= tol * sk) {  // same value in all threads
       have_y = true;
       break;
     }
     s_prev = sk;
-    __syncthreads();
-    const T nn = sqrt(apply_at(g, w, ul, xnl));
-    __syncthreads();
-    scale_into(xnl, xl, nx, T(1) / fmax(nn, e));
-    __syncthreads();
+    adjoint_half_step(g, w, xl, ul, xnl, sig2, f);
   }
   if (!have_y) sig2 = apply_a(g, w, xl, ul);
   __syncthreads();
-  const T sigma = sqrt(sig2);
-  scale_into(ul, ul, ny, T(1) / fmax(sigma, e));
+  const T sigma = T(sqrt(sig2));
+  const T inv = T(1) / f.at(sigma);
+  __syncthreads();
+  scale_into(ul, ul, ny, inv);
   return sigma;
 }
 
 // torch's spectral_norm update on one layer (block-wide): per iteration u = normalize(A x),
-// x = normalize(A^T u); sigma = u^T A x = ||A^T u||^2 / max(||A^T u||, eps) after an
-// iteration (x is A^T u normalized), <x0, A^T u0> with none (eval mode).
+// x = normalize(A^T u); sigma = u^T A x = t * (t / max(t, f)) with t = ||A^T u|| after an
+// iteration (x is A^T u normalized; no t^2 to overflow), <x0, A^T u0> with none (eval mode).
 template <typename T>
 __device__ T power_iter_sn(const Geom& g, const T* w, const T* u0, T* xl, T* ul, T* xnl,
                            int64_t n_iters, T e) {
   const int64_t nx = g.x_numel(), ny = g.y_numel();
+  ImageFloor<T> f{w, g.w_numel(), e, T(-1)};
   if (n_iters == 0) {
-    T s2 = 0;
-    for (int64_t i = threadIdx.x; i < ny; i += blockDim.x) s2 += u0[i] * u0[i];
-    scale_into(u0, ul, ny, T(1) / fmax(sqrt(block_sum(s2)), e));
+    start_into(u0, ul, ny, e);
     __syncthreads();
     apply_at(g, w, ul, xnl);
     T d = 0;
@@ -186,16 +264,10 @@ __device__ T power_iter_sn(const Geom& g, const T* w, const T* u0, T* xl, T* ul,
   }
   T t = 0;
   for (int64_t k = 0; k < n_iters; ++k) {
-    const T s = sqrt(apply_a(g, w, xl, ul));
-    __syncthreads();
-    scale_into(ul, ul, ny, T(1) / fmax(s, e));
-    __syncthreads();
-    t = sqrt(apply_at(g, w, ul, xnl));
-    __syncthreads();
-    scale_into(xnl, xl, nx, T(1) / fmax(t, e));
-    __syncthreads();
+    const double ss = apply_a(g, w, xl, ul);
+    t = adjoint_half_step(g, w, xl, ul, xnl, ss, f);
   }
-  return t * t / fmax(t, e);
+  return t * (t / f.at(t));
 }
 
 template <typename T>
@@ -215,10 +287,7 @@ __global__ void __launch_bounds__(kThreads)
   T* xnl = xn + g.x_off;
   const T e = T(eps);
 
-  T s2 = 0;
-  for (int64_t i = threadIdx.x; i < nx; i += blockDim.x) s2 += x0[g.x_off + i] * x0[g.x_off + i];
-  const T n0 = sqrt(block_sum(s2));
-  scale_into(x0 + g.x_off, xl, nx, T(1) / fmax(n0, e));
+  start_into(x0 + g.x_off, xl, nx, e);
   __syncthreads();
 
   T sigma;
@@ -241,7 +310,7 @@ __global__ void __launch_bounds__(kThreads)
     for (int64_t j = 0; j < L; ++j) {
       const T s = *(volatile T*)(sig + j);
       p *= s;
-      ls += s > 0 ? log(s) : -INFINITY;
+      ls += s > 0 ? log(s) : (s == 0 ? -INFINITY : NAN);  // N5: NaN stays NaN
     }
     *lip = p;
     *loglip = ls;

@@ -89,6 +89,7 @@ ESTIMATE_TOP = 4  # frequencies (of largest ||H_f||_F) whose power iteration set
 ESTIMATE_ITERS = 20  # power iterations on each H_f before the first certificate: the
 #                      estimate of the largest frequency is within ~1% of it on ResNet-18
 RETRY_ITERS = 60  # more iterations for a frequency whose certificate failed
+GRAD_REFINE_ITERS = 30  # float64 iterations on the best frequency's A_f for the gradient
 ROUNDS = 4  # certificate attempts (margin x4 each), then the Frobenius bound
 
 
@@ -205,7 +206,8 @@ def _power(h: torch.Tensor, v: torch.Tensor, iters: int) -> Tuple[torch.Tensor, 
     """Power iteration on Hermitian PSD H (B, n, n) from v (B, n, 1): (lambda_est (B,), v)."""
     for _ in range(iters):
         v = h @ v
-        v = v / torch.linalg.vector_norm(v, dim=1, keepdim=True).clamp_min(1e-300)
+        v = v / torch.linalg.vector_norm(v, dim=1, keepdim=True).clamp_min(
+            torch.finfo(v.real.dtype).tiny)  # a zero H keeps v = 0, no 0/0
     lam = torch.linalg.vector_norm(h @ v, dim=(1, 2))  # ||H v|| <= lambda_max for unit v
     return lam, v
 
@@ -222,8 +224,11 @@ def _certify(h: torch.Tensor, e_form: torch.Tensor, generator=None):
     top = trace.topk(min(ESTIMATE_TOP, bsz)).indices
     v = torch.randn(bsz, n, 1, dtype=torch.complex64, device=h.device, generator=generator)
     lam = torch.zeros(bsz, dtype=torch.float64, device=h.device)
-    lt, vt = _power(h[top].to(torch.complex64), v[top], ESTIMATE_ITERS)
-    lam[top], v[top] = lt.double(), vt
+    # estimates in complex64 on H / scale (scale = the largest trace >= every lambda_max):
+    # weights of 1e-30 or 1e30 would under/overflow float32 squared
+    scale = trace.max().clamp_min(1e-300)
+    lt, vt = _power((h[top] / scale).to(torch.complex64), v[top], ESTIMATE_ITERS)
+    lam[top], v[top] = lt.double() * scale, vt
     # one mu per layer (the largest estimate): every frequency must pass it anyway
     mu = lam.max().expand(bsz) * (1 + CERT_MARGIN)
     bound = torch.full((bsz,), math.inf, dtype=torch.float64, device=h.device)
@@ -234,11 +239,13 @@ def _certify(h: torch.Tensor, e_form: torch.Tensor, generator=None):
         if ids.numel() == 0:
             break
         if rnd > 0:  # failed before: the estimate was low; iterate those further
-            l2, v2 = _power(h[ids].to(torch.complex64), v[ids], RETRY_ITERS)
+            l2, v2 = _power((h[ids] / scale).to(torch.complex64), v[ids], RETRY_ITERS)
             v[ids] = v2
-            lam[ids] = torch.maximum(lam[ids], l2.double())
-            # a higher estimate sets the next trial; else the last trial grows
-            mu[ids] = torch.maximum(lam[ids] * (1 + CERT_MARGIN), mu[ids] * (1 + margin))
+            lam[ids] = torch.maximum(lam[ids], l2.double() * scale)
+            # an estimate above the failed trial sets the next one (as tight as the first);
+            # else the failed trial grows
+            fresh = lam[ids] * (1 + CERT_MARGIN)
+            mu[ids] = torch.where(fresh > mu[ids], fresh, mu[ids] * (1 + margin))
         trial = mu[ids]
         sm = h[ids].neg_() if ids.numel() < bsz else h.neg()
         sm.diagonal(dim1=-2, dim2=-1).add_(trial[:, None])  # mu I - H, one pass
@@ -306,6 +313,9 @@ def differentiable_bound(sym: Symbol, val: torch.Tensor, info) -> torch.Tensor:
             v = vec
             u = a @ v
         v = v / torch.linalg.vector_norm(v).clamp_min(1e-300)
+        for _ in range(GRAD_REFINE_ITERS):  # the estimate's vector is complex64: refine it
+            v = a.mH @ (a @ v)
+            v = v / torch.linalg.vector_norm(v).clamp_min(1e-300)
         u = a @ v
         u = u / torch.linalg.vector_norm(u).clamp_min(1e-300)
     s = torch.real(u.conj() @ (a @ v)) * sym.factor
@@ -328,10 +338,10 @@ def certified_sigma(weights: Sequence[torch.Tensor],
         specs: as for :func:`lipkern.fused_power_iter`: None reads a weight as a matrix,
             a :class:`ConvSpec` gives the conv operator (zero or circular padding, any
             stride, dilation and groups; transposed convs).
-        backend: "auto" | "torch" | "cpp". "cpp" runs the whole batch in one call of the
-            compiled op ``lipkern::certified_sigma``; "torch" is the same algorithm in
-            Python (the reference of the kernel, :func:`lipkern.reference.certified_sigma`
-            is the specification: the exact circular norms).
+        backend: "auto" | "torch": the batched torch implementation (GEMMs and batched
+            Cholesky through ATen); :func:`lipkern.reference.certified_sigma` is its
+            specification (the exact circular norms by SVD). Fused C++/Triton kernels are
+            not written yet: asking for "cpp"/"triton"/"cuda" raises.
         generator: seeds the estimates' start vectors (the bound holds for any seed; only
             its tightness, ``<= (1 + CERT_MARGIN)^(1/2)`` over the exact circular norm once
             the estimate converged, depends on it).
@@ -343,8 +353,13 @@ def certified_sigma(weights: Sequence[torch.Tensor],
     """
     weights = check_weights(weights)
     specs = check_specs(specs, len(weights))
-    if backend not in ("auto", "torch", "cpp"):
-        raise ValueError(f"backend must be 'auto', 'torch' or 'cpp', got {backend!r}")
+    if backend in ("cpp", "triton", "cuda"):
+        from .backends import BackendUnavailableError
+        raise BackendUnavailableError(
+            f"certified_sigma: backend {backend!r} is not implemented yet; use 'auto' or "
+            f"'torch' (the batched ATen implementation)")
+    if backend not in ("auto", "torch"):
+        raise ValueError(f"backend must be 'auto' or 'torch', got {backend!r}")
     out_dtype = torch.float64 if weights[0].dtype == torch.float64 else torch.float32
     geoms = [resolve_geometry(tuple(w.shape), s, f"weights[{i}]")
              for i, (w, s) in enumerate(zip(weights, specs))]
@@ -360,20 +375,6 @@ def certified_sigma(weights: Sequence[torch.Tensor],
 
 
 def _run(syms: List[Symbol], backend: str, generator):
-    if backend in ("auto", "cpp"):
-        from .backends import load_ext
-        try:
-            load_ext()
-            have = hasattr(torch.ops.lipkern, "certified_sigma")
-        except Exception:  # noqa: BLE001 - auto falls back to the torch path
-            have = False
-        if backend == "cpp" and not have:
-            from .backends import BackendUnavailableError
-            raise BackendUnavailableError(
-                "backend='cpp': lipkern::certified_sigma is not in the compiled extension "
-                "(rebuild with LIPKERN_BUILD_EXT=1 pip install -e .)")
-        if have and all(s.taps.device.type == "cpu" for s in syms):
-            from .ops.certified import run_cpp
-            return run_cpp(syms, generator)
+    # one path today: the batched torch implementation (ATen GEMMs, batched Cholesky)
     res = [certify_symbol(s, generator) for s in syms]
     return [r[0] for r in res], [r[1] for r in res]

@@ -99,6 +99,24 @@ def layout_from_meta(meta: Tuple[int, ...]) -> Layout:
     return _memo(_BY_META, meta, lambda: _from_meta(meta))
 
 
+def check_op_inputs(layout: Layout, weights, x, u) -> None:
+    """The registered ops' own cheap check (they can be called directly, past
+    lipkern.validate): the tensors must fit the layer table, or a kernel would read past
+    them. ``weights`` None skips the weights (the backward)."""
+    if weights is not None:
+        if len(weights) != layout.num_layers:
+            raise ValueError(f"weights: {len(weights)} tensors for a table of "
+                             f"{layout.num_layers} layers")
+        for i, (w, g) in enumerate(zip(weights, layout.geoms)):
+            if w.numel() != g.w_numel:
+                raise ValueError(f"weights[{i}] has {w.numel()} elements, the table says "
+                                 f"{g.w_numel}")
+    if x.numel() != layout.total_x:
+        raise ValueError(f"x0: {x.numel()} elements, the table needs {layout.total_x}")
+    if u is not None and u.numel() != layout.total_y:
+        raise ValueError(f"u0: {u.numel()} elements, the table needs {layout.total_y}")
+
+
 @dataclass(frozen=True)
 class PowerIterState:
     """Warm-start state: the packed unit vectors of the last call (detached).
@@ -129,6 +147,23 @@ def initial_x(layout: Layout, device: torch.device, dtype: torch.dtype,
     gen_device = generator.device if generator is not None else torch.device("cpu")
     x = torch.randn(layout.total_x, generator=generator, device=gen_device, dtype=torch.float32)
     return x.to(device=device, dtype=dtype)
+
+
+# Knuth's multiplicative hash of the index (mod 2^32): exact integer arithmetic in every
+# language a backend is written in, so the fallback is the same vector everywhere; unlike a
+# constant vector it is not in the null space of structured kernels (a zero-sum difference
+# filter annihilates the all-ones vector).
+FALLBACK_MUL, FALLBACK_ADD = 2654435761, 1013904223
+
+
+def fallback_vector(n: int, dtype: torch.dtype = torch.float64,
+                    device: Optional[torch.device] = None) -> torch.Tensor:
+    """The deterministic start vector that replaces an all-zero or non-finite start or
+    warm-start vector (every backend): ``h_i = (i * 2654435761 + 1013904223) mod 2^32``,
+    entry ``h_i / 2^32 - 0.5``; (n,), not normalized."""
+    i = torch.arange(n, dtype=torch.int64)
+    h = (i * FALLBACK_MUL + FALLBACK_ADD) % (1 << 32)
+    return (h.double() / float(1 << 32) - 0.5).to(dtype=dtype, device=device)
 
 
 def weight_shapes(weights: Sequence[torch.Tensor]) -> Tuple[Tuple[int, ...], ...]:

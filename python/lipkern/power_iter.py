@@ -8,6 +8,7 @@ import torch
 
 from .backends import choose_backend
 from .layout import PowerIterState, initial_u, initial_x
+from .ops import grouped
 from .ops.normalize import normalize_op
 from .ops.power_iter import call_op
 from .reference import divide
@@ -121,7 +122,10 @@ def fused_normalize(weights: Sequence[torch.Tensor],
     if chosen != "triton":
         sigmas, _, _, x, u = call_op(chosen, list(weights), x0, u0, list(layout.meta), n_iters,
                                      float(eps), tol)
-        outs = [divide(w, s) for w, s in zip(weights, sigmas.unbind(0))]
+        if chosen == "grouped":  # one division per bucket, not per layer
+            outs = grouped.divide_weights(list(weights), sigmas, layout)
+        else:
+            outs = [divide(w, s) for w, s in zip(weights, sigmas.unbind(0))]
     else:
         sigmas, x, u, what = normalize_op(list(weights), x0, u0, list(layout.meta), n_iters,
                                           float(eps), tol)
@@ -144,5 +148,7 @@ def _prepare(weights, specs, state, n_iters, eps, tol, backend, generator, check
     u0 = None
     if variant == "spectral_norm":
         u0 = state.u if state is not None else initial_u(layout, device, cdtype, generator)
-        u0 = u0.to(cdtype)
-    return weights, layout, chosen, x0.to(cdtype), u0
+        # contiguous: a state may be a strided or expanded (stride-0) view, and the kernels
+        # read the packed vectors as flat buffers
+        u0 = u0.to(cdtype).contiguous()
+    return weights, layout, chosen, x0.to(cdtype).contiguous(), u0

@@ -6,10 +6,30 @@ For each layer with operator A (see :mod:`lipkern.spec`) and a start vector x0:
 
     x \leftarrow x_0 / \max(\|x_0\|, \epsilon)
 
-    \text{repeat } n\_iters \text{ times:}\quad y = A x,\; x = A^\top y,\;
-        x \leftarrow x / \max(\|x\|, \epsilon)
+    \text{repeat } n\_iters \text{ times:}\quad y = A x,\;
+        x = \frac{A^\top \hat y}{\max(\|A^\top \hat y\|, f)},\;
+        \hat y = \frac{y}{\max(\|y\|, f)}
 
-    y = A x,\quad \sigma = \|y\|,\quad u = y / \max(\sigma, \epsilon)
+    y = A x,\quad \sigma = \|y\|,\quad u = y / \max(\sigma, f)
+
+Numeric contract (every backend follows it; ``tests/test_numeric_contract.py``):
+
+* N1 -- ``f = max(eps * min(1, max|W|), tiny)`` floors the norms of operator images
+  (``A x``, ``A^T u``): eps itself for weights with an entry >= 1 (torch's absolute eps), scaled
+  down with smaller weights, so eps never floors a norm that is really of the weight's scale
+  (``sigma >= max|W|`` up to border effects); ``tiny`` is the compute dtype's smallest normal.
+  Start vectors (``x0``, ``u0``) keep the absolute eps. Since ``f <= eps``, a norm >= eps is
+  never floored, so kernels compute ``max|W|`` only when a norm falls below eps.
+* N2 -- the default update normalizes after each half-step (``A x``, then ``A^T`` of the unit
+  vector): nothing of size sigma^2 is ever formed or floored. (Dense kernels may still form
+  ``W^T W x`` in one pass over W when ``||W x||^2`` lies within [2^-60, 2^60], where it can
+  neither overflow nor underflow float32.)
+* N3 -- sums of squares accumulate in float64 (float32 weights), so every sigma between the
+  smallest and the largest normal float32 (1e-30..1e30 tested) comes out right, with no 0,
+  inf or NaN from an overflowed ``||y||^2``.
+* N4 -- an all-zero or non-finite start vector (``x0``, or ``u0`` of torch's update) is
+  replaced by :func:`lipkern.layout.fallback_vector`, never iterated into sigma 0.
+* N5 -- a NaN sigma gives ``log_lipschitz`` NaN (a zero sigma gives -inf).
 
 With ``tol``, iteration ``k > 0`` first compares ``s_k = \|A x\|`` with ``s_{k-1}`` and stops
 (keeping x) once ``|s_k - s_{k-1}| <= tol * s_k``.
@@ -21,8 +41,8 @@ state (x is torch's v, u its u; no ``tol``):
 
     x \leftarrow x_0 / \max(\|x_0\|, \epsilon),\quad u \leftarrow u_0 / \max(\|u_0\|, \epsilon)
 
-    \text{repeat } n\_iters \text{ times:}\quad u = \frac{A x}{\max(\|A x\|, \epsilon)},\;
-        x = \frac{A^\top u}{\max(\|A^\top u\|, \epsilon)}
+    \text{repeat } n\_iters \text{ times:}\quad u = \frac{A x}{\max(\|A x\|, f)},\;
+        x = \frac{A^\top u}{\max(\|A^\top u\|, f)}
 
     \sigma = u^\top A x
 
@@ -36,6 +56,12 @@ of input x and output gradient u for conv operators (x and u swapped for transpo
 The network bound is ``L = prod(sigma_l)`` with ``dL/dsigma_l = prod_{j != l} sigma_j`` and
 ``log L = sum(log sigma_l)``; a zero sigma contributes no gradient to ``log L`` (its u is 0).
 
+Second order (``create_graph=True``): the same rule at every order -- x and u are constants,
+so sigma is the linear function ``<W, dsigma/dW>`` of W, ``W / sigma`` an ordinary
+differentiable function of W, and every backward differentiable again. The reference gets this
+from autograd; the registered ops (``lipkern.ops``) re-express their backward as torch ops
+when grad mode is on in the backward (``tests/test_second_order.py``).
+
 Bf16/fp16 weights iterate in float32 (autocast is disabled inside); float64 stays float64.
 """
 from __future__ import annotations
@@ -45,7 +71,7 @@ from typing import Optional, Sequence
 import torch
 import torch.nn.functional as F
 
-from .layout import PowerIterState, initial_u, initial_x
+from .layout import PowerIterState, fallback_vector, initial_u, initial_x
 from .result import NormalizeResult, PowerIterResult
 from .spec import KIND_CONV_T, KIND_DENSE, ConvSpec, LayerGeom, resolve_geometry
 from .validate import compute_dtype, validate_call
@@ -136,9 +162,30 @@ def weight_grad(g: LayerGeom, x: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
 
 
 # ---------------------------------------------------------------- power iteration
-def _normalize(v: torch.Tensor, eps: float):
-    n = torch.linalg.vector_norm(v)
-    return v / n.clamp_min(eps), n
+def _norm(v: torch.Tensor) -> torch.Tensor:
+    """||v|| with the sum of squares in float64 (N3: sigma^2 of 1e30 overflows float32)."""
+    return torch.linalg.vector_norm(v, dtype=torch.float64)
+
+
+def _normalize(v: torch.Tensor, floor: float):
+    n = _norm(v)
+    return v / n.clamp_min(floor).to(v.dtype), n.to(v.dtype)
+
+
+def image_floor(w: torch.Tensor, eps: float) -> float:
+    """N1: the floor of an operator image's norm, ``max(eps * min(1, max|W|), tiny)``."""
+    m = float(w.detach().abs().max()) if w.numel() else 0.0
+    return max(eps * min(1.0, m), torch.finfo(w.dtype).tiny)
+
+
+def start_vector(v0: torch.Tensor, eps: float) -> torch.Tensor:
+    """A start vector normalized with the absolute eps; N4: all-zero or non-finite ->
+    :func:`lipkern.layout.fallback_vector` (normalized)."""
+    n = _norm(v0)
+    if not (bool(torch.isfinite(n)) and float(n) > 0):
+        v0 = fallback_vector(v0.numel(), v0.dtype, v0.device)
+        n = _norm(v0)
+    return v0 / n.clamp_min(eps).to(v0.dtype)
 
 
 @torch.no_grad()
@@ -149,23 +196,24 @@ def iterate_layer(g: LayerGeom, w: torch.Tensor, x0: torch.Tensor, n_iters: int,
 
     Args: w in the compute dtype, x0 flat (x_numel,), u0 flat (y_numel,) or None. Returns
     (x, u, sigma) with x (x_numel,) and u (y_numel,) unit (or zero) vectors and sigma 0-d."""
-    x, _ = _normalize(x0, eps)
+    f = image_floor(w, eps)
+    x = start_vector(x0, eps)
     if u0 is not None:
-        u, _ = _normalize(u0, eps)
+        u = start_vector(u0, eps)
         for _ in range(n_iters):
-            u, _ = _normalize(apply_op(g, w, x), eps)
-            x, _ = _normalize(apply_adjoint(g, w, u), eps)
+            u, _ = _normalize(apply_op(g, w, x), f)
+            x, _ = _normalize(apply_adjoint(g, w, u), f)
         return x, u, torch.dot(u, apply_op(g, w, x))
     s_prev = None
     for _ in range(n_iters):
-        y = apply_op(g, w, x)
+        uy, s = _normalize(apply_op(g, w, x), f)
         if tol is not None:
-            s = float(torch.linalg.vector_norm(y))
+            s = float(s)
             if s_prev is not None and abs(s - s_prev) <= tol * s:
                 break
             s_prev = s
-        x, _ = _normalize(apply_adjoint(g, w, y), eps)
-    u, sigma = _normalize(apply_op(g, w, x), eps)
+        x, _ = _normalize(apply_adjoint(g, w, uy), f)
+    u, sigma = _normalize(apply_op(g, w, x), f)
     return x, u, sigma
 
 
@@ -173,8 +221,10 @@ def bound_from_sigmas(sigmas: torch.Tensor):
     """(lipschitz, log_lipschitz) from (L,) sigmas, with the gradients of the module docstring
     (torch.prod's backward already avoids dividing by a zero sigma)."""
     pos = sigmas > 0
+    # N5: a zero sigma logs as -inf, a NaN one as NaN (never hidden as -inf)
     logs = torch.where(pos, torch.log(torch.where(pos, sigmas, torch.ones_like(sigmas))),
-                       torch.full_like(sigmas, float("-inf")))
+                       torch.where(sigmas == 0, torch.full_like(sigmas, float("-inf")),
+                                   torch.full_like(sigmas, float("nan"))))
     return torch.prod(sigmas), logs.sum()
 
 

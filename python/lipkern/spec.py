@@ -148,6 +148,20 @@ def _out_len(size: int, k: int, s: int, p: int, d: int) -> int:
     return (size + 2 * p - d * (k - 1) - 1) // s + 1
 
 
+def _check_1d(spec: ConvSpec, name: str) -> None:
+    """A Conv1d kernel reads one entry of each pair: accept an int (both entries equal) or
+    the lifted form (1, L) / (1, s) / (0, p) of lipkern.nn, refuse anything else rather than
+    ignore its first entry."""
+    neutral = dict(input_size=1, stride=1, dilation=1, padding=0, output_padding=0)
+    for field, n in neutral.items():
+        v = getattr(spec, field)
+        if isinstance(v, str):
+            continue
+        if v[0] != v[1] and v[0] != n:
+            raise ValueError(f"{name} is a Conv1d kernel but its ConvSpec.{field} is {v}: "
+                             f"give one int (or ({n}, value))")
+
+
 def resolve_geometry(shape: Tuple[int, ...], spec: Optional[ConvSpec], name: str) -> LayerGeom:
     """Geometry of the weight ``shape`` (2-D, 3-D or 4-D) under ``spec``.
 
@@ -162,6 +176,7 @@ def resolve_geometry(shape: Tuple[int, ...], spec: Optional[ConvSpec], name: str
         raise ValueError(f"{name} is a 2-D (dense) weight but its spec is a ConvSpec; "
                          f"pass None for dense layers")
     if len(shape) == 3:  # Conv1d kernel (cout, cin/g, k): a conv2d over a (1, L) input
+        _check_1d(spec, name)
         shape = (shape[0], shape[1], 1, shape[2])
         spec_in = (1, spec.input_size[1])
         stride, dil = (1, spec.stride[1]), (1, spec.dilation[1])

@@ -59,7 +59,8 @@ from ..layout import Layout, PowerIterState, layout_for
 from ..power_iter import fused_power_iter
 from ..spec import ConvSpec
 from ..validate import compute_dtype
-from .parametrization import _TRANSPOSED, _spec_from_module, make_picklable
+from .parametrization import (_CONV, _TRANSPOSED, _spec_from_module, check_input_size,
+                              input_spatial_size, make_picklable)
 from .divided_weight import divided, scale_of
 from .strategies import STRATEGIES, Inline, Strategy, make_strategies, store_state
 
@@ -263,6 +264,8 @@ class SpectralNormGroup:
     def layer_forward(self, i: int, module: nn.Module, x: torch.Tensor) -> torch.Tensor:
         """Layer i's forward, as the forward's strategy runs it (outside a model forward: the
         layer's own forward on its per-layer normalized weight)."""
+        if self.specs[i] is not None:  # operator mode: sigma is for the registered size
+            check_input_size(module, x, self.specs[i])
         active = self.active
         if active is None:
             return type(module).__bases__[0].forward(module, x)
@@ -332,7 +335,7 @@ def _select(model: nn.Module, types, names) -> List[Tuple[str, nn.Module]]:
             raise TypeError(f"types: {t!r} is not one of (or a subclass of) "
                             f"{[c.__name__ for c in SUPPORTED_TYPES]}")
     if names is not None and not callable(names):
-        wanted = set(names)
+        wanted = {names} if isinstance(names, str) else set(names)  # a str is one name
     out = []
     for qname, m in model.named_modules():
         if not isinstance(m, types):
@@ -358,7 +361,9 @@ def _capture_input_sizes(model: nn.Module, targets, example_input) -> List[Optio
     handles = []
     for qname, m in targets:
         def hook(mod, args, qname=qname):
-            sizes.setdefault(qname, tuple(args[0].shape[2:]))
+            # batched or unbatched input (an unbatched (C, H, W) once captured (W,))
+            sizes.setdefault(qname, input_spatial_size(mod, args[0])
+                             if isinstance(mod, _CONV) else None)
         handles.append(m.register_forward_pre_hook(hook))
     was_training = model.training
     try:

@@ -30,6 +30,7 @@ from torch.nn.utils import parametrize
 
 from ..layout import PowerIterState, layout_for
 from ..power_iter import fused_power_iter
+from ..reference import divide
 from ..spec import ConvSpec
 
 __all__ = ["spectral_norm", "SpectralNorm"]
@@ -49,13 +50,21 @@ class SpectralNorm(nn.Module):
     """The parametrization registered by :func:`spectral_norm` (``parametrizations.<name>.0``).
 
     Args: weight (any ndim >= 1), n_power_iterations (> 0), dim (the output dimension), eps,
-    mode ("matrix" or "operator"), spec (the ConvSpec of operator mode; None until known).
+    mode ("matrix" or "operator"), spec (the ConvSpec of operator mode; None until known),
+    other_sizes (operator mode, an input of another spatial size than ``spec``'s: "error"
+    raises ValueError, "recompute" normalizes by that size's own operator sigma, its vectors
+    kept per size in memory -- not in the state_dict, which holds the registered size's).
     """
 
     def __init__(self, weight: torch.Tensor, n_power_iterations: int = 1, dim: int = 0,
                  eps: float = 1e-12, mode: str = "matrix", spec: Optional[ConvSpec] = None,
-                 coeff: Optional[float] = None):
+                 coeff: Optional[float] = None, other_sizes: str = "error"):
         super().__init__()
+        if other_sizes not in OTHER_SIZES:
+            raise ValueError(f"other_sizes must be one of {OTHER_SIZES}, got {other_sizes!r}")
+        self.other_sizes = other_sizes
+        self._sizes: dict = {}  # other_sizes="recompute": size -> (spec, u, v), not saved
+        self._active = None     # that size while its forward runs (None: the registered one)
         ndim = weight.ndim
         if dim >= ndim or dim < -ndim:
             raise IndexError(f"Dimension out of range (expected to be in range of "
@@ -90,7 +99,7 @@ class SpectralNorm(nn.Module):
             v = weight_mat.new_empty(w).normal_(0, 1)
             self.register_buffer("_u", F.normalize(u, dim=0, eps=self.eps))
             self.register_buffer("_v", F.normalize(v, dim=0, eps=self.eps))
-            self._power_method(weight_mat, 15)
+            self._power_method(_upcast(weight_mat), 15)
 
     # ------------------------------------------------------------ matrix mode (torch's)
     def _reshape_weight_to_matrix(self, weight: torch.Tensor) -> torch.Tensor:
@@ -100,8 +109,11 @@ class SpectralNorm(nn.Module):
 
     @torch.no_grad()
     def _power_method(self, weight_mat: torch.Tensor, n_power_iterations: int):
-        u = F.normalize(self._u, dim=0, eps=self.eps)  # shrunk/averaged vectors: renormalize
-        v = F.normalize(self._v, dim=0, eps=self.eps)
+        """torch's update on ``weight_mat`` (float32 for bf16/fp16 weights: the vectors
+        iterate in float32 and are stored in the buffers' dtype, as the fused op does)."""
+        # shrunk/averaged vectors: renormalize
+        u = F.normalize(self._u.to(weight_mat.dtype), dim=0, eps=self.eps)
+        v = F.normalize(self._v.to(weight_mat.dtype), dim=0, eps=self.eps)
         for _ in range(n_power_iterations):
             u = F.normalize(torch.mv(weight_mat, v), dim=0, eps=self.eps)
             v = F.normalize(torch.mv(weight_mat.H, u), dim=0, eps=self.eps)
@@ -169,6 +181,8 @@ class SpectralNorm(nn.Module):
                                "spectral_norm, or run one forward of the module first")
         if self._v.numel() == 0:
             self._init_operator(weight, self.spec)
+        if self._active is not None:  # other_sizes="recompute", another input size
+            return self._forward_other_size(weight, *self._active)
         layout = layout_for((tuple(weight.shape),), (self.spec,))
         g = layout.geoms[0]
         if self._v.numel() != g.x_numel or self._u.numel() != g.y_numel:
@@ -183,12 +197,59 @@ class SpectralNorm(nn.Module):
                                eps=self.eps, check_finite=False, variant="spectral_norm")
         if self.training:
             self._store(res.state.u.to(self._u.dtype), res.state.x.to(self._v.dtype))
-        return weight / _scale(res.sigmas[0], getattr(self, "coeff", None)).to(weight.dtype)
+        return _divide_scaled(weight, res.sigmas[0], getattr(self, "coeff", None))
+
+    def _forward_other_size(self, weight: torch.Tensor, size, spec: ConvSpec) -> torch.Tensor:
+        entry = self._sizes.get(size)
+        if entry is None:  # first use of this size: torch's 15 warm-up iterations
+            res = fused_power_iter([weight.detach()], [spec], n_iters=15, eps=self.eps,
+                                   check_finite=False, variant="spectral_norm")
+            entry = self._sizes[size] = res.state
+        res = fused_power_iter([weight], [spec], state=entry,
+                               n_iters=self.n_power_iterations if self.training else 0,
+                               eps=self.eps, check_finite=False, variant="spectral_norm")
+        if self.training and not _in_vmap(res.state.x):
+            self._sizes[size] = res.state
+        return _divide_scaled(weight, res.sigmas[0], getattr(self, "coeff", None))
+
+    # ------------------------------------------------------------ operator mode: input sizes
+    def _lipkern_install(self, module: nn.Module) -> None:
+        """Operator mode: the forward pre-hook that captures the input size on the first
+        forward and checks it on every later one (re-installed after pickle/deepcopy)."""
+        if self.mode == "operator":
+            module.register_forward_pre_hook(self._check_input)
+            module.register_forward_hook(self._end_forward, always_call=True)
+
+    def _end_forward(self, module: nn.Module, args, output) -> None:
+        self._active = None  # reads of the weight outside a forward: the registered size
+
+    def _check_input(self, module: nn.Module, args) -> None:
+        size = input_spatial_size(module, args[0])
+        if self.spec is None:
+            self.spec = _spec_from_module(module, size)
+            return
+        self._active = None
+        if size == tuple(self.spec.input_size):
+            return
+        if self.other_sizes == "error":
+            check_input_size(module, args[0], self.spec,
+                             " Pass other_sizes='recompute' to spectral_norm to normalize each "
+                             "size by its own sigma, or register with that input_size.")
+        self._active = (size, _spec_from_module(module, size))
+
+
+def _upcast(t: torch.Tensor) -> torch.Tensor:
+    return t.float() if t.dtype in (torch.float16, torch.bfloat16) else t
 
 
 def _scale(sigma: torch.Tensor, coeff: Optional[float]) -> torch.Tensor:
     """The divisor: sigma, or max(sigma / coeff, 1) (soft normalization, coeff=)."""
     return sigma if coeff is None else torch.clamp_min(sigma / coeff, 1.0)
+
+
+def _divide_scaled(weight: torch.Tensor, sigma: torch.Tensor, coeff: Optional[float]):
+    """weight / _scale(sigma, coeff), in float32 for bf16/fp16 weights (reference.divide)."""
+    return divide(weight, _scale(sigma, coeff))
 
 
 def _reduce_parametrized(self, protocol):
@@ -226,6 +287,29 @@ def make_picklable(module: nn.Module) -> None:
     type(module).__setstate__ = _setstate_parametrized
 
 
+OTHER_SIZES = ("error", "recompute")
+
+
+def input_spatial_size(module: nn.Module, x: torch.Tensor) -> Tuple[int, ...]:
+    """The spatial size a conv module sees in ``x``, batched or not: (H, W) of (N, C, H, W)
+    or (C, H, W) for 2-d convs, (1, L) of (N, C, L) or (C, L) for 1-d ones."""
+    one_d = isinstance(module, (nn.Conv1d, nn.ConvTranspose1d))
+    need = (2, 3) if one_d else (3, 4)
+    if x.dim() not in need:
+        raise ValueError(f"{type(module).__name__} expects a {need[0]}-D (unbatched) or "
+                         f"{need[1]}-D (batched) input, got shape {tuple(x.shape)}")
+    return (1, int(x.shape[-1])) if one_d else (int(x.shape[-2]), int(x.shape[-1]))
+
+
+def check_input_size(module: nn.Module, x: torch.Tensor, spec: ConvSpec, hint: str = "") -> None:
+    """ValueError unless ``x`` has the spatial size ``spec`` was registered for."""
+    size = input_spatial_size(module, x)
+    if size != tuple(spec.input_size):
+        raise ValueError(f"input: {type(module).__name__} is normalized with mode='operator' "
+                         f"for input size {tuple(spec.input_size)}, got an input of spatial "
+                         f"size {size}; the operator's sigma depends on the size.{hint}")
+
+
 def _spec_from_module(module: nn.Module, input_size) -> ConvSpec:
     one_d = isinstance(module, (nn.Conv1d, nn.ConvTranspose1d))
     lift = (lambda v: (1, v[0])) if one_d else (lambda v: tuple(v))
@@ -257,15 +341,18 @@ def _spatial_size(module: nn.Module, input_size):
 def spectral_norm(module: nn.Module, name: str = "weight", n_power_iterations: int = 1,
                   eps: float = 1e-12, dim: Optional[int] = None, *, mode: str = "matrix",
                   input_size: Union[None, int, Tuple[int, ...]] = None,
-                  coeff: Optional[float] = None) -> nn.Module:
+                  coeff: Optional[float] = None, other_sizes: str = "error") -> nn.Module:
     """Spectral normalization of ``module.<name>``: same signature, defaults, buffers and
     results as ``torch.nn.utils.parametrizations.spectral_norm`` in ``mode="matrix"``;
     ``mode="operator"`` divides a conv weight by the sigma of the conv operator at
     ``input_size`` (spatial size (H, W) of the module's input, or (C, H, W) as DUE passes
-    it, C checked; taken from the first forward when None). Before that first forward the
-    layer can load a state_dict (its vectors take the checkpoint's size). ``coeff``: soft
-    normalization as in invertible ResNets / DUE, ``W * min(1, coeff / sigma)``. Returns the
-    module. Remove with ``torch.nn.utils.parametrize.remove_parametrizations``.
+    it, C checked; taken from the first forward when None, batched or unbatched). Before that
+    first forward the layer can load a state_dict (its vectors take the checkpoint's size).
+    A later input of another spatial size raises ValueError (that size's operator has another
+    sigma) unless ``other_sizes="recompute"``: then each size is normalized by its own
+    operator sigma, its vectors kept per size in memory. ``coeff``: soft normalization as in
+    invertible ResNets / DUE, ``W * min(1, coeff / sigma)``. Returns the module. Remove with
+    ``torch.nn.utils.parametrize.remove_parametrizations``.
     """
     weight = getattr(module, name, None)
     if not isinstance(weight, torch.Tensor):
@@ -279,7 +366,7 @@ def spectral_norm(module: nn.Module, name: str = "weight", n_power_iterations: i
                              f"got {type(module).__name__} (use mode='matrix' for Linear)")
         if input_size is not None:
             spec = _spec_from_module(module, _spatial_size(module, input_size))
-    param = SpectralNorm(weight, n_power_iterations, dim, eps, mode, spec, coeff)
+    param = SpectralNorm(weight, n_power_iterations, dim, eps, mode, spec, coeff, other_sizes)
     param._registering = True
     try:
         parametrize.register_parametrization(module, name, param)
@@ -288,11 +375,5 @@ def spectral_norm(module: nn.Module, name: str = "weight", n_power_iterations: i
     # torch refuses to pickle parametrized modules (its injected class raises in
     # __getstate__, and cannot be imported by pickle anyway): rebuild ours on load instead
     make_picklable(module)
-    if mode == "operator" and spec is None:
-        def capture(mod, args):
-            x = args[0]
-            param.spec = _spec_from_module(mod, tuple(x.shape[2:]) if x.dim() == 4
-                                           else (1, x.shape[-1]))
-            handle.remove()
-        handle = module.register_forward_pre_hook(capture)
+    param._lipkern_install(module)  # operator mode: input-size capture and check
     return module

@@ -10,7 +10,10 @@ spectral_norm, where ``sigma = u^T W v`` with u, v held constant:
     weight gradient of (v, u) (the conv operator)
 
 and the rank-one term is added in place into the GEMM's weight gradient (no weight-sized
-allocation). Inputs: x (B, ..., in) or (B, C, [H,] W); w the layer's own weight; sigma 0-d
+allocation). Second order (``create_graph=True``): the backward then runs as differentiable
+torch ops on the saved x, W, b -- DESIGN's rule holds u, v constant, so sigma(W) is linear
+with gradient dsigma/dW and the forward's value -- and autograd differentiates it again.
+Under autocast the layer's own op runs in the autocast dtype and sigma's terms in float32. Inputs: x (B, ..., in) or (B, C, [H,] W); w the layer's own weight; sigma 0-d
 (float32); ``rank1(g_sigma, g_w)`` adds g_sigma * dsigma/dW into g_w in place.
 """
 from __future__ import annotations
@@ -36,15 +39,19 @@ class ScaledLayer(torch.autograd.Function):
             y = z / s
         else:  # b + z / s in one op
             y = torch.addcdiv(b if conv is None else b.view(-1, *([1] * (z.dim() - 2))), z, s)
-        ctx.save_for_backward(x, w, z, s)
+        ctx.save_for_backward(x, w, z, s, b, sigma)
         ctx.rank1, ctx.conv, ctx.has_b = rank1, conv, b is not None
         return y
 
     @staticmethod
     def backward(ctx, gy: torch.Tensor):
-        x, w, z, s = ctx.saved_tensors
+        x, w, z, s, b, sigma = ctx.saved_tensors
+        if torch.is_grad_enabled():  # create_graph=True
+            return _differentiable_backward(ctx, gy, x, w, b, sigma)
         gz = gy / s
-        g_sigma = torch.vdot(gz.reshape(-1), z.reshape(-1)).div_(s).neg_()
+        # <g_z, z> in float32 at least: under autocast z is bf16/fp16 while g_y may not be
+        acc = torch.promote_types(torch.promote_types(gz.dtype, z.dtype), torch.float32)
+        g_sigma = torch.vdot(gz.reshape(-1).to(acc), z.reshape(-1).to(acc)).div_(s).neg_()
         need_x, need_w, need_b = ctx.needs_input_grad[:3]
         gx = gw = gb = None
         if ctx.conv is None:
@@ -71,6 +78,34 @@ class ScaledLayer(torch.autograd.Function):
         return gx, gw, gb, None, None, None
 
 
+def scaled_layer(x, w, b, sigma, rank1, conv):
+    """:class:`ScaledLayer` on a batched or unbatched input (aten.convolution needs the batch
+    dimension: an unbatched (C, H, W) input runs as a batch of one)."""
+    if conv is not None and x.dim() == w.dim() - 1:
+        return ScaledLayer.apply(x.unsqueeze(0), w, b, sigma, rank1, conv).squeeze(0)
+    return ScaledLayer.apply(x, w, b, sigma, rank1, conv)
+
+
+def _differentiable_backward(ctx, gy, x, w, b, sigma):
+    """The gradients of ``layer(x; W) / sigma(W) + b`` as a graph autograd can differentiate
+    again: sigma(W) = sigma + <W - W.detach(), dsigma/dW> (its value, and DESIGN's constant
+    slope), the layer's op recomputed on the saved tensors."""
+    cdtype = torch.promote_types(sigma.dtype, torch.float32)
+    d = ctx.rank1.full(w).to(cdtype)
+    s = sigma.to(cdtype) + ((w.to(cdtype) - w.detach().to(cdtype)) * d).sum()
+    conv = ctx.conv
+    z = F.linear(x, w) if conv is None else torch.ops.aten.convolution(x, w, None, *conv)
+    y = z / s.to(z.dtype) if z.dtype != cdtype else z / s
+    if b is not None:
+        y = y + (b if conv is None else b.view(-1, *([1] * (z.dim() - 2))))
+    wanted = [t for t, need in zip((x, w, b), ctx.needs_input_grad[:3])
+              if need and t is not None]
+    got = iter(torch.autograd.grad(y, wanted, gy, create_graph=True, allow_unused=True))
+    grads = [next(got) if need and t is not None else None
+             for t, need in zip((x, w, b), ctx.needs_input_grad[:3])]
+    return (*grads, None, None, None)
+
+
 class dense_rank1:
     """dsigma/dW = u v^T for torch's matrix of W (``dim`` first, then flattened). Called,
     adds g_sigma u v^T into g_w in place (a K=1 GEMM); ``rows`` gives the pair of rows that
@@ -80,6 +115,13 @@ class dense_rank1:
         self.u, self.v, self.dim = u, v, dim
         if dim != 0:
             self.rows = None
+
+    def full(self, w: torch.Tensor) -> torch.Tensor:
+        """dsigma/dW shaped like w (the second-order path)."""
+        mat = torch.outer(self.u, self.v)
+        if self.dim == 0:
+            return mat.view(w.shape)
+        return mat.view(w.movedim(self.dim, 0).shape).movedim(0, self.dim)
 
     def rows(self, g_sigma: torch.Tensor, dtype: torch.dtype):
         return ((self.u * g_sigma).to(dtype)[None], self.v.to(dtype)[None])
@@ -99,4 +141,5 @@ def operator_rank1(geom, u: torch.Tensor, v: torch.Tensor):
 
     def add(g_sigma: torch.Tensor, gw: torch.Tensor) -> None:
         gw.add_(weight_grad(geom, v, u).view(gw.shape).to(gw.dtype) * g_sigma.to(gw.dtype))
+    add.full = lambda w: weight_grad(geom, v, u).view(w.shape)  # the second-order path
     return add

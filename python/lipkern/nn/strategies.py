@@ -133,14 +133,14 @@ class ScaledOutputs(Strategy):
                                 group.v, group.u, group.specs, 0)
             group.count_call()
             self._eval_cache = (key, res.sigmas, res.state)
-        self.scaled_ok = not torch.is_autocast_enabled()
+        self.scaled_ok = not torch.is_autocast_enabled(originals[0].device.type)
         self.cur = FusedSigmas(group, *self._eval_cache[1:])
         return True
 
     def prepare(self, group, originals, training):
         if self.eval_cached(group, originals, training):
             return self
-        self.scaled_ok = not torch.is_autocast_enabled()
+        self.scaled_ok = not torch.is_autocast_enabled(originals[0].device.type)
         n_iters = group.n_power_iterations if training else 0
         op_weights = [group.op_weight(i, w) for i, w in enumerate(originals)]
         # ScaledLayer carries every sigma's gradient itself: the op's own backward (a
@@ -167,6 +167,9 @@ class ScaledOutputs(Strategy):
     def scaled_forward(self, group, i, module, x, conv, exact=False):
         """``layer(x; W) / s + b`` with s = sigma (or ``max(sigma / coeff, 1)``); ``exact``:
         a backward that is itself differentiable (ScaledLayerExact)."""
+        w = module.parametrizations.weight.original
+        if conv is not None and x.dim() == w.dim() - 1:  # aten.convolution needs a batch dim
+            return self.scaled_forward(group, i, module, x.unsqueeze(0), conv, exact).squeeze(0)
         cur = self.cur
         u, v, sigma = cur.u_list[i], cur.x_list[i], cur.sigma_list[i]
         if group.coeff is not None:
@@ -233,7 +236,7 @@ class Mixed(ScaledOutputs):
     def prepare(self, group, originals, training):
         if self.eval_cached(group, originals, training):
             return self
-        self.scaled_ok = not torch.is_autocast_enabled()
+        self.scaled_ok = not torch.is_autocast_enabled(originals[0].device.type)
         n_iters = group.n_power_iterations if training else 0
         op_weights = [group.op_weight(i, w) for i, w in enumerate(originals)]
         with torch.no_grad():  # every layer takes its sigma gradient itself
@@ -366,7 +369,7 @@ class Inline(Strategy):
         """Whether a forward on weights like ``w`` can run inline."""
         return (group.all_linear and group.coeff is None and w.device.type == "cpu"
                 and w.dtype in (torch.float32, torch.float64)
-                and not torch.is_autocast_enabled() and load_ext() is not None)
+                and not torch.is_autocast_enabled(w.device.type) and load_ext() is not None)
 
     def applies(self, group, w):
         return group.backend in ("auto", "cpp") and self.runs(group, w)

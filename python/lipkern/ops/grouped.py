@@ -17,8 +17,10 @@ registered op ``lipkern::power_iter`` (:mod:`lipkern.ops.power_iter` dispatches 
   (``torch.nn.grad.conv2d_weight``) for convs, one batched outer product for matrices;
 * ``tol`` is decided per layer on the device (a mask, ``torch.where``): no host sync.
 
-The math is :func:`lipkern.reference.iterate_layer` (the spec and test oracle); this module
-only batches it. Vectors are gathered from / scattered to the packed state in *runs* (maximal
+The math is :func:`lipkern.reference.iterate_layer` (the spec and test oracle), numeric
+contract N1-N5 included (per-layer image floors from one max-reduction per bucket, half-step
+normalization, float64 sums of squares, the fallback start vector); this module only batches
+it, with every per-layer decision taken on the device. Vectors are gathered from / scattered to the packed state in *runs* (maximal
 sequences of consecutive layers in one bucket): one ``split`` and one ``cat`` per call and
 direction instead of a slice per layer, and no copy at all when a call is a single bucket.
 """
@@ -31,8 +33,9 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .. import reference
-from ..layout import Layout
+from ..layout import FALLBACK_ADD, FALLBACK_MUL, Layout
 from ..spec import KIND_CONV_T, LayerGeom
+from ..validate import compute_dtype
 
 
 # ---------------------------------------------------------------- the plan of one layout
@@ -174,33 +177,73 @@ def _adj(bk, K, v):
 
 
 def _norms(v: Tensor) -> Tensor:
-    """Per-layer 2-norms of a (G, n) block."""
-    return torch.linalg.vector_norm(v, dim=1)
+    """Per-layer 2-norms of a (G, n) block, (G,) float64: the sums of squares accumulate in
+    float64 (N3 of lipkern.reference: sigma^2 of 1e30 overflows float32)."""
+    return torch.linalg.vector_norm(v, dim=1, dtype=torch.float64)
 
 
-def _normalize(v: Tensor, eps: float) -> Tensor:
-    return v / _norms(v).clamp_min(eps).unsqueeze(1)
+def _normalize(v: Tensor, floor) -> Tuple[Tensor, Tensor]:
+    """(v / max(||v||, floor), ||v||) per layer, as the reference's ``_normalize``: the norm
+    in float64, clamped, then cast to v's dtype. ``floor``: a float or a (G,) float64."""
+    n = _norms(v)
+    return v / n.clamp_min(floor).to(v.dtype).unsqueeze(1), n.to(v.dtype)
+
+
+def _image_floor(bk: Bucket, K: Tensor, eps: float) -> Tensor:
+    """N1 per layer, (G,) float64: ``max(eps * min(1, max|W_l|), tiny)``. One max-reduction
+    over the bucket's weight every call, on the device: the reference reads max|W| on the
+    host, which a batched backend cannot do without a sync."""
+    maxabs = torch.linalg.vector_norm(K.reshape(bk.size, -1), float("inf"), dim=1).double()
+    return (eps * maxabs.clamp_max(1.0)).clamp_min(torch.finfo(K.dtype).tiny)
+
+
+_FALLBACK: dict = {}  # (n, dtype, device) -> (n,) fallback start vector
+
+
+def _fallback(n: int, dtype: torch.dtype, device: torch.device) -> Tensor:
+    """:func:`lipkern.layout.fallback_vector` built on the device (exact int64 arithmetic:
+    the same numbers; no host->device copy, so a call stays capturable), memoized."""
+    key = (n, dtype, device)
+    v = _FALLBACK.get(key)
+    if v is None:
+        if len(_FALLBACK) >= 64:
+            _FALLBACK.clear()
+        i = torch.arange(n, dtype=torch.int64, device=device)
+        h = (i * FALLBACK_MUL + FALLBACK_ADD) % (1 << 32)
+        v = _FALLBACK[key] = (h.double() / float(1 << 32) - 0.5).to(dtype)
+    return v
+
+
+def _start(v0: Tensor, eps: float) -> Tensor:
+    """The reference's ``start_vector`` per layer (N4): an all-zero or non-finite row is
+    replaced by the fallback vector, decided on the device; then normalized with eps."""
+    n = _norms(v0)
+    bad = ~(torch.isfinite(n) & (n > 0))
+    v0 = torch.where(bad.unsqueeze(1), _fallback(v0.shape[1], v0.dtype, v0.device), v0)
+    return _normalize(v0, eps)[0]
 
 
 def _iterate_bucket(bk: Bucket, K: Tensor, x: Tensor, u0: Optional[Tensor], n_iters: int,
                     eps: float, tol: float) -> Tuple[Tensor, Tensor, Tensor]:
     """:func:`lipkern.reference.iterate_layer` on G layers at once. x (G, x_numel), u0
     (G, y_numel) or None. Returns (x, u, sigma (G,))."""
-    x = _normalize(x, eps)
+    f = _image_floor(bk, K, eps)
+    x = _start(x, eps)
     if u0 is not None:  # variant="spectral_norm"
-        u = _normalize(u0, eps)
+        u = _start(u0, eps)
         for _ in range(n_iters):
-            u = _normalize(_op(bk, K, x), eps)
-            x = _normalize(_adj(bk, K, u), eps)
+            u, _ = _normalize(_op(bk, K, x), f)
+            x, _ = _normalize(_adj(bk, K, u), f)
         return x, u, (u * _op(bk, K, x)).sum(1)
     active = s_prev = None
     for k in range(n_iters):
-        y = _op(bk, K, x)
-        x_new = _normalize(_adj(bk, K, y), eps)
+        # N2: normalize after each half-step (A x, then A^T of the unit vector)
+        uy, s = _normalize(_op(bk, K, x), f)
+        x_new, _ = _normalize(_adj(bk, K, uy), f)
         if tol >= 0:
-            # the reference's test, |s_k - s_{k-1}| <= tol * s_k, in float64 as the reference
-            # does it on Python floats: a float32 comparison can flip at the borderline
-            s = _norms(y).double()
+            # the reference's test, |s_k - s_{k-1}| <= tol * s_k, in float64 on the
+            # compute-dtype estimates, as the reference does it on Python floats
+            s = s.double()
             if k == 0:
                 active = torch.ones_like(s, dtype=torch.bool)
             else:
@@ -210,9 +253,8 @@ def _iterate_bucket(bk: Bucket, K: Tensor, x: Tensor, u0: Optional[Tensor], n_it
             x = torch.where(active.unsqueeze(1), x_new, x)  # a stopped layer keeps its x
         else:
             x = x_new
-    y = _op(bk, K, x)
-    sigma = _norms(y)
-    return x, y / sigma.clamp_min(eps).unsqueeze(1), sigma
+    u, sigma = _normalize(_op(bk, K, x), f)
+    return x, u, sigma
 
 
 # ---------------------------------------------------------------- launchers (the op's kernels)
@@ -266,6 +308,28 @@ def backward(x: Tensor, u: Tensor, coef: Tensor, layout: Layout, wdtype: torch.d
         grads = [_bucket_weight_grad(bk, xb, ub) * cb
                  for bk, xb, ub, cb in zip(plan.buckets, xs, us, cs)]
         return _scatter(plan, grads, "w").to(wdtype)
+
+
+# ---------------------------------------------------------------- fused_normalize's division
+def divide_weights(weights: List[Tensor], sigmas: Tensor, layout: Layout) -> List[Tensor]:
+    """``W_l / sigma_l`` for every layer, as :func:`lipkern.reference.divide` (the compute
+    dtype, one rounding to the weight's dtype; bit-equal to it), one division per bucket:
+    stack -> divide -> unbind is three autograd nodes per bucket instead of three per layer
+    (measured: bench/NOTES.md, issue 14). Differentiable w.r.t. weights and sigmas."""
+    plan = plan_for(layout)
+    cdtype = compute_dtype(weights[0].dtype)
+    out: List[Optional[Tensor]] = [None] * layout.num_layers
+    for bk, sb in zip(plan.buckets, _gather(plan, sigmas, "s")):
+        ws = [weights[i] for i in bk.layers]
+        if bk.size == 1 or any(w.shape != ws[0].shape for w in ws):
+            for i, w, s in zip(bk.layers, ws, sb.unbind(0)):
+                out[i] = reference.divide(w, s.squeeze(0))
+            continue
+        stacked = torch.stack(ws).to(cdtype)
+        q = (stacked / sb.to(cdtype).view(bk.size, *([1] * ws[0].dim()))).to(ws[0].dtype)
+        for i, t in zip(bk.layers, q.unbind(0)):
+            out[i] = t
+    return out
 
 
 # ---------------------------------------------------------------- what a call does (explain)

@@ -22,7 +22,7 @@ from typing import List, Optional, Tuple
 import torch
 from torch import Tensor
 
-from ..layout import layout_from_meta
+from ..layout import check_op_inputs, layout_from_meta
 from .power_iter import _split, unit_sigma_grads
 
 
@@ -45,6 +45,7 @@ def _normalize_kernel(weights: List[Tensor], x0: Tensor, u0: Optional[Tensor], m
                       n_iters: int, eps: float, tol: float
                       ) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
     layout = layout_from_meta(tuple(meta))
+    check_op_inputs(layout, weights, x0, u0)
     fwd, _ = _kernels()
     sig, _, _, x, u, what = fwd.forward([w.contiguous() for w in weights], x0, u0, layout,
                                         n_iters, eps, tol, write_normalized=True)

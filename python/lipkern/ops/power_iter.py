@@ -30,7 +30,7 @@ from torch import Tensor
 
 from .. import reference
 from ..backends import load_ext
-from ..layout import Layout, layout_from_meta
+from ..layout import Layout, check_op_inputs, layout_from_meta
 from . import grouped
 
 
@@ -123,12 +123,14 @@ def _power_iter_kernel(weights: List[Tensor], x0: Tensor, u0: Optional[Tensor],
                        meta: List[int], n_iters: int, eps: float, tol: float, backend: str
                        ) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     layout = layout_from_meta(tuple(meta))
+    check_op_inputs(layout, weights, x0, u0)
     return _forward_impl(backend, weights, x0, u0, layout, n_iters, eps, tol)
 
 
 def _power_iter_backward_kernel(x, u, sigmas, grad_sigmas, grad_lipschitz, grad_log_lipschitz,
                                 meta, backend, weight_dtype) -> Tensor:
     layout = layout_from_meta(tuple(meta))
+    check_op_inputs(layout, None, x, u)
     return _backward_impl(backend, x, u, sigmas, grad_sigmas, grad_lipschitz,
                           grad_log_lipschitz, layout, weight_dtype)
 

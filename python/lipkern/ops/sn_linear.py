@@ -54,6 +54,9 @@ def _validate_layer(x, weight, bias):
     if weight.dtype not in (torch.float32, torch.float64):
         raise TypeError(f"weight must be float32 or float64, got {weight.dtype}")
     out, inp = weight.shape
+    if out == 0 or inp == 0:
+        raise ValueError(f"weight is empty (shape {tuple(weight.shape)}): a layer with no "
+                         f"inputs or outputs has no spectral norm to divide by")
     if x.dim() < 1 or x.shape[-1] != inp:
         raise ValueError(f"x must have shape (..., {inp}), got {tuple(x.shape)}")
     if bias is not None and bias.shape != (out,):
