@@ -186,8 +186,11 @@ def test_compile_gradient_penalty_refused_not_wrong():
     model = spectral_norm_model(models.SNGANCritic(ch=2))
     compiled = torch.compile(model, backend="aot_eager")
     xh = torch.randn(2, 3, 32, 32, requires_grad=True)
-    g, = torch.autograd.grad(compiled(xh).sum(), xh, create_graph=True)
-    with pytest.raises(RuntimeError, match="double backward"):
+    # AOTAutograd's refusal: "does not currently support double backward" at the second
+    # backward, or (after earlier compiles in the process) "donated buffers which requires
+    # create_graph=False" at the first
+    with pytest.raises(RuntimeError, match="double backward|create_graph=False"):
+        g, = torch.autograd.grad(compiled(xh).sum(), xh, create_graph=True)
         g.square().sum().backward()
 
 
