@@ -10,7 +10,7 @@ Error = (reshaped - operator) / operator: negative means the reshaped norm is BE
 constant, i.e. a layer "normalized" by it has operator norm 1 / (1 + error) > 1. Operator
 norms by lipkern's conv-operator power iteration in float64 (600 iterations, tol 1e-12; within 0.1% of
 the exact SVD on the 8x8 layer; from below, so the errors are if anything understated). Markdown on stdout, JSON to
-bench/results/reshaped_error.json.
+bench/results/reshaped_error.jsonl.
 """
 import argparse
 import datetime
@@ -51,13 +51,17 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--seeds", type=int, default=3)
     ap.add_argument("--iters", type=int, default=600)
+    ap.add_argument("--only", default="", help="comma-separated row indices of LAYERS")
     args = ap.parse_args()
     torch.set_num_threads(max(1, torch.get_num_threads()))
     print(f"torch {torch.__version__}, lipkern backend {lipkern.backends.resolve_backend('auto', torch.device('cpu'), torch.float64)}, "
           f"{torch.get_num_threads()} threads, CPU, {datetime.date.today()}")
     rows = []
     print("\n| layer | reshaped error vs operator norm (per seed) |\n|---|---|")
-    for name, cin, cout, k, s, p, n in LAYERS:
+    only = {int(i) for i in args.only.split(",") if i}
+    for j, (name, cin, cout, k, s, p, n) in enumerate(LAYERS):
+        if only and j not in only:
+            continue
         errs = []
         for seed in range(args.seeds):
             torch.manual_seed(seed)
@@ -71,13 +75,13 @@ def main():
             errs.append((reshaped - op) / op)
         rows.append(dict(layer=name, cin=cin, cout=cout, kernel=k, stride=s, padding=p,
                          input=n, errors=errs))
-        print(f"| {name} | " + ", ".join(f"{100 * e:+.1f}%" for e in errs) + " |")
+        print(f"| {name} | " + ", ".join(f"{100 * e:+.1f}%" for e in errs) + " |", flush=True)
     os.makedirs(RESULTS, exist_ok=True)
     out = dict(date=str(datetime.date.today()), torch=torch.__version__,
                machine="CPU (shared 2-core dev machine)", iters=args.iters, init="PyTorch default",
                rows=rows)
-    with open(os.path.join(RESULTS, "reshaped_error.json"), "w") as f:
-        json.dump(out, f, indent=1)
+    with open(os.path.join(RESULTS, "reshaped_error.jsonl"), "a") as f:  # one run per line
+        f.write(json.dumps(out) + "\n")
 
 
 if __name__ == "__main__":

@@ -167,25 +167,26 @@ def _norm(v: torch.Tensor) -> torch.Tensor:
     return torch.linalg.vector_norm(v, dtype=torch.float64)
 
 
-def _normalize(v: torch.Tensor, floor: float):
+def _normalize(v: torch.Tensor, floor):
     n = _norm(v)
     return v / n.clamp_min(floor).to(v.dtype), n.to(v.dtype)
 
 
-def image_floor(w: torch.Tensor, eps: float) -> float:
-    """N1: the floor of an operator image's norm, ``max(eps * min(1, max|W|), tiny)``."""
-    m = float(w.detach().abs().max()) if w.numel() else 0.0
-    return max(eps * min(1.0, m), torch.finfo(w.dtype).tiny)
+def image_floor(w: torch.Tensor, eps: float) -> torch.Tensor:
+    """N1: the floor of an operator image's norm, ``max(eps * min(1, max|W|), tiny)`` (a 0-d
+    float64 tensor: no host read, so a training step on the torch backend never syncs)."""
+    m = w.detach().abs().amax().to(torch.float64)
+    return (eps * m.clamp(max=1.0)).clamp_min(torch.finfo(w.dtype).tiny)
 
 
 def start_vector(v0: torch.Tensor, eps: float) -> torch.Tensor:
     """A start vector normalized with the absolute eps; N4: all-zero or non-finite ->
-    :func:`lipkern.layout.fallback_vector` (normalized)."""
+    :func:`lipkern.layout.fallback_vector` (normalized). Chosen on the device (no host read)."""
     n = _norm(v0)
-    if not (bool(torch.isfinite(n)) and float(n) > 0):
-        v0 = fallback_vector(v0.numel(), v0.dtype, v0.device)
-        n = _norm(v0)
-    return v0 / n.clamp_min(eps).to(v0.dtype)
+    ok = torch.isfinite(n) & (n > 0)
+    fb = fallback_vector(v0.numel(), v0.dtype, v0.device)
+    v = torch.where(ok, v0, fb)
+    return v / torch.where(ok, n, _norm(fb)).clamp_min(eps).to(v0.dtype)
 
 
 @torch.no_grad()
