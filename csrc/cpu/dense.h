@@ -154,6 +154,24 @@ struct ImageFloor {
   }
 };
 
+// The one-pass dense W^T (W x) is used only while ||W x||^2 lies in [2^-60, 2^60]: then the
+// accumulator (of size sigma^2) can neither overflow nor underflow float32 (N2 of
+// reference.py); outside, the half-steps run separately, each normalized.
+inline bool one_pass_ok(double ss) { return ss >= 0x1p-60 && ss <= 0x1p60; }
+
+// dst (cols) = W^T u for W (rows, cols) row-major: the separate adjoint half-step of the
+// rare out-of-range case above (serial; the hot paths use dense_pass / skinny_pass).
+template <typename T>
+void adjoint_rows(int64_t rows, int64_t cols, const T* W, const T* u, T* dst) {
+  std::fill(dst, dst + cols, T(0));
+  for (int64_t i = 0; i < rows; ++i) {
+    const T ui = u[i];
+    const T* wr = W + i * cols;
+#pragma omp simd
+    for (int64_t j = 0; j < cols; ++j) dst[j] += ui * wr[j];
+  }
+}
+
 // The deterministic fallback start vector (lipkern.layout.fallback_vector): exact uint32
 // arithmetic, the same numbers as the Python, Triton and CUDA versions.
 template <typename T>

@@ -295,10 +295,6 @@ double apply_a(const Geom& g, const T* W, const T* x, T* y, T* xn, Scratch<T>& s
   return g.kind == kConv ? apply_c(g, W, x, y, s) : apply_ct(g, W, x, y, s);
 }
 
-// The one-pass dense W^T (W x) is used only while ||W x||^2 lies in [2^-60, 2^60]: then the
-// accumulator (of size sigma^2) can neither overflow nor underflow float32 (N2 of
-// reference.py); outside, the half-steps run separately, each normalized.
-inline bool one_pass_ok(double ss) { return ss >= 0x1p-60 && ss <= 0x1p60; }
 
 // The adjoint half-step from u_raw = A x (ss = ||u_raw||^2): u = u_raw / max(||u_raw||, f)
 // in place, x = A^T u / max(||A^T u||, f); returns ||A^T u||. `accumulated`: xn already holds

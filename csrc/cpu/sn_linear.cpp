@@ -144,7 +144,6 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> sn_linear_forward_cpu
   if (skinny) poison_all({&za});
   AT_DISPATCH_FLOATING_TYPES(w.scalar_type(), "lipkern_sn_linear_forward", [&] {
     using T = scalar_t;
-    const T e = T(eps);
     T* xap = xa.data_ptr<T>();
     if (B) std::memcpy(xap, x.data_ptr<T>(), sizeof(T) * B * in);
     const T* W = w.data_ptr<T>();
@@ -165,17 +164,31 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> sn_linear_forward_cpu
       first(false);
       s = dot(up, yk.data(), out);
     } else {
+      // image norms floored at eps * min(1, max|W|) (N1 of reference.py): torch's eps for
+      // any weight with an entry >= 1, and no collapse of a layer whose sigma is below eps
+      ImageFloor<T> f{W, out * in, eps};
       T t = 0;
       for (int64_t k = 0; k < n_iters; ++k) {
         // y = W v and xn = W^T y in one pass; u = y / ||y||, W^T u = xn / ||y||
-        const T ss = k == 0 ? first(true)
-                            : dense_pass(out, in, W, vp, yk.data(), xn.data(), par);
-        const T ms = std::max(std::sqrt(ss), e);
-        scale_into(yk.data(), up, out, T(1) / ms);
-        t = std::sqrt(sumsq(xn.data(), in)) / ms;
-        scale_into(xn.data(), vp, in, T(1) / (ms * std::max(t, e)));
+        const double ss = k == 0 ? double(first(true))
+                                 : dense_pass(out, in, W, vp, yk.data(), xn.data(), par);
+        if (one_pass_ok(ss)) {
+          const T ms = f.at(T(std::sqrt(ss)));
+          scale_into(yk.data(), up, out, T(1) / ms);
+          t = T(std::sqrt(sumsq(xn.data(), in)) / double(ms));
+          scale_into(xn.data(), vp, in, T(1) / (ms * f.at(t)));
+        } else {
+          // ||W v||^2 outside [2^-60, 2^60] (sigma below ~1e-9 or above ~1e9): the one-pass
+          // W^T (W v) and its float sums (of size sigma^2) may have under- or overflowed, so
+          // the half-steps run separately, each normalized (N2, N3 of reference.py)
+          const T ms = f.at(T(std::sqrt(sumsq(yk.data(), out))));
+          scale_into(yk.data(), up, out, T(1) / ms);
+          adjoint_rows(out, in, W, up, xn.data());
+          t = T(std::sqrt(sumsq(xn.data(), in)));
+          scale_into(xn.data(), vp, in, T(1) / f.at(t));
+        }
       }
-      s = t * t / std::max(t, e);  // = u^T W v
+      s = t * (t / f.at(t));  // = u^T W v, without the square that could overflow
     }
     *sigma.data_ptr<T>() = s;
     copy_into(xap + B * in, vp, in);  // x_aug row B: v_new (the backward's rank-one row)

@@ -294,7 +294,8 @@ def sn_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor
     under torch's spectral_norm, written as torch's parametrization computes it.
 
     ``n_iters`` updates ``u = normalize(W v)``, ``v = normalize(W^T u)`` (u0 and v0 are
-    renormalized first), ``sigma = u^T W v``, and ``y = x (W / sigma)^T + b``. Gradients flow
+    renormalized first; the two image norms floored by :func:`image_floor`, N1, and summed
+    in float64, N3), ``sigma = u^T W v``, and ``y = x (W / sigma)^T + b``. Gradients flow
     to x, weight and bias with u and v held constant. Shapes: x (..., in), weight (out, in),
     bias (out,) or None, u (out,), v (in,). Returns (y (..., out), sigma (), u (out,), v (in,));
     sigma, u and v carry no gradient.
@@ -302,9 +303,10 @@ def sn_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor
     with torch.no_grad():
         u, _ = _normalize(u, eps)
         v, _ = _normalize(v, eps)
+        f = image_floor(weight, eps)  # N1: torch's eps unless every |W_ij| < 1
         for _ in range(n_iters):
-            u, _ = _normalize(weight @ v, eps)
-            v, _ = _normalize(weight.t() @ u, eps)
+            u, _ = _normalize(weight @ v, f)
+            v, _ = _normalize(weight.t() @ u, f)
     sigma = torch.dot(u, weight @ v)
     y = torch.nn.functional.linear(x, weight / sigma, bias)
     return y, sigma.detach(), u, v
