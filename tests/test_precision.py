@@ -42,17 +42,18 @@ def _whole(model, **kw):
     return spectral_norm_model(model, **kw)
 
 
-def _steps(model, shape, dtype, autocast=False, steps=2):
+def _steps(model, shape, dtype, autocast=False, steps=2, device="cpu",
+           autocast_dtype=torch.bfloat16):
     """Two training steps and one eval forward: (outputs, grads) per step, eval output."""
     g = torch.Generator().manual_seed(2)
     opt = torch.optim.SGD(model.parameters(), lr=0.01)
     outs = []
     for _ in range(steps + 1):
-        x = torch.randn(4, *shape, generator=g).to(dtype)
+        x = torch.randn(4, *shape, generator=g).to(device=device, dtype=dtype)
         training = len(outs) < steps
         model.train(training)
         opt.zero_grad()
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast), \
+        with torch.autocast(device, dtype=autocast_dtype, enabled=autocast), \
                 torch.set_grad_enabled(training):
             y = model(x)
         if training:
@@ -117,3 +118,22 @@ def test_cpu_autocast_bf16(net, how):
         model = _whole(make(), strategy=how)
     got = _steps(model, shape, torch.float32, autocast=True)
     _compare(got, want, TOL[torch.bfloat16])
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("how", ["per_layer", "auto", "scaled_outputs", "fused_weights"])
+@pytest.mark.parametrize("adtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+@pytest.mark.parametrize("net", ["conv", "mlp"])
+def test_cuda_autocast(net, adtype, how):
+    """A float32 model on CUDA under torch.autocast('cuda', fp16/bf16): forward, backward and
+    eval within half rounding of torch's spectral_norm under the same autocast."""
+    make, shape = (_conv_net, (3, 8, 8)) if net == "conv" else (_mlp, (5,))
+    run = dict(device="cuda", autocast=True, autocast_dtype=adtype)
+    want = _steps(_per_layer(make().cuda(), torch_sn), shape, torch.float32, **run)
+    if how == "per_layer":
+        model = _per_layer(make().cuda(), spectral_norm)
+    else:
+        model = _whole(make().cuda(), strategy=how)
+    got = _steps(model, shape, torch.float32, **run)
+    _compare([(y.cpu(), [a.cpu() for a in gs]) for y, gs in got],
+             [(y.cpu(), [a.cpu() for a in gs]) for y, gs in want], TOL[adtype])
