@@ -150,15 +150,20 @@ def weight_grad(g: LayerGeom, x: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
         x, u = u, x
     if _is_matrix(g):
         return torch.outer(u, x).reshape(-1)
+    return conv_weight_grad(g, x, u).reshape(-1)
+
+
+def conv_weight_grad(g: LayerGeom, x: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    """The weight gradient (cout, cin/groups, kh, kw) of the conv C of geometry ``g`` (not a
+    matrix) with input x (g.in_numel entries) and output gradient u (g.out_numel entries)."""
     inp = x.reshape(1, g.cin, g.h, g.w)
     pad = (g.ph, g.pw)
     if g.circular:
         inp = F.pad(inp, (g.pw, g.pw, g.ph, g.ph), mode="circular")
         pad = (0, 0)
-    gw = torch.nn.grad.conv2d_weight(inp, (g.cout, g.cin // g.groups, g.kh, g.kw),
-                                     u.reshape(1, g.cout, g.oh, g.ow), stride=(g.sh, g.sw),
-                                     padding=pad, dilation=(g.dh, g.dw), groups=g.groups)
-    return gw.reshape(-1)
+    return torch.nn.grad.conv2d_weight(inp, (g.cout, g.cin // g.groups, g.kh, g.kw),
+                                       u.reshape(1, g.cout, g.oh, g.ow), stride=(g.sh, g.sw),
+                                       padding=pad, dilation=(g.dh, g.dw), groups=g.groups)
 
 
 # ---------------------------------------------------------------- power iteration

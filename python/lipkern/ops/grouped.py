@@ -29,7 +29,6 @@ from __future__ import annotations
 from typing import List, NamedTuple, Optional, Tuple
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from .. import reference
@@ -287,16 +286,8 @@ def _bucket_weight_grad(bk: Bucket, x: Tensor, u: Tensor) -> Tensor:
         x, u = u, x
     if bk.matrix:
         return (u.unsqueeze(2) * x.unsqueeze(1)).view(bk.size, -1)  # G outer products
-    b = bk.block
-    inp = x.reshape(1, b.cin, b.h, b.w)
-    pad = (b.ph, b.pw)
-    if b.circular:
-        inp = F.pad(inp, (b.pw, b.pw, b.ph, b.ph), mode="circular")
-        pad = (0, 0)
-    gw = torch.nn.grad.conv2d_weight(inp, (b.cout, b.cin // b.groups, b.kh, b.kw),
-                                     u.reshape(1, b.cout, b.oh, b.ow), stride=(b.sh, b.sw),
-                                     padding=pad, dilation=(b.dh, b.dw), groups=b.groups)
-    return gw.view(bk.size, -1)
+    # the bucket as one grouped conv (bk.block): its weight gradient holds every layer's
+    return reference.conv_weight_grad(bk.block, x, u).view(bk.size, -1)
 
 
 def backward(x: Tensor, u: Tensor, coef: Tensor, layout: Layout, wdtype: torch.dtype) -> Tensor:
