@@ -46,8 +46,11 @@ def test_at_least_the_exact_norm_and_within_margin_of_reference(shape, spec, dty
     ref = float(ref_certified([w], [spec])[0])
     assert ref >= exact * (1 - 1e-12), (ref, exact)  # the circular restriction bounds it
     assert float(b[0]) >= exact, (float(b[0]), exact)  # certified: never below
-    # within the certificate's margin of the exact circular norm (estimates converged)
-    assert float(b[0]) <= ref * math.sqrt(1 + CERT_MARGIN) * (1 + 1e-6), (float(b[0]), ref)
+    # within the certificate's margin of the exact circular norm (estimates converged), plus
+    # the float32 error terms (c_n times a Perron root, mu's rounding): measured <= 8.2e-6
+    # relative on these sizes
+    assert float(b[0]) <= ref * math.sqrt(1 + CERT_MARGIN) * (1 + 5e-5), (float(b[0]), ref)
+    print("excess", float(b[0]) / (ref * math.sqrt(1 + CERT_MARGIN)) - 1)
 
 
 def test_exact_for_dense_and_divisible_circular_layers():
@@ -117,6 +120,96 @@ def test_errors_name_the_argument():
     with pytest.raises(ValueError, match=r"weights\[0\] contains NaN"):
         lipkern.certified_sigma([torch.full((2, 2), float("nan"))])
     with pytest.raises(ValueError, match="not implemented yet"):
-        lipkern.certified_sigma([torch.randn(2, 2)], backend="cpp")
+        lipkern.certified_sigma([torch.randn(2, 2)], backend="triton")
+    with pytest.raises(ValueError, match="backend must be"):
+        lipkern.certified_sigma([torch.randn(2, 2)], backend="bogus")
     with pytest.raises(ValueError, match=r"specs has 2 entries"):
         lipkern.certified_sigma([torch.randn(2, 2)], [None, None])
+
+
+@pytest.mark.parametrize("k,d,s,p,n", [(3, 1, 1, 1, 4), (3, 1, 1, 1, 7), (3, 1, 2, 1, 8),
+                                       (3, 1, 2, 1, 7), (1, 1, 2, 0, 8), (5, 2, 1, 4, 6),
+                                       (4, 1, 4, 0, 8), (3, 2, 3, 2, 9), (2, 1, 1, 3, 2),
+                                       (7, 1, 1, 3, 3), (3, 1, 1, 0, 5)])
+def test_axis_embeds_the_zero_padded_layer(k, d, s, p, n):
+    """One axis: the zero-padded strided correlation equals the polyphase circular one on
+    the (smallest) grid _axis picks, read at the layer's outputs, for random taps and x."""
+    from lipkern.certified.symbol import _axis
+    out_len = (n + 2 * p - d * (k - 1) - 1) // s + 1
+    phase, shift, nph, q, grid, mult = _axis(k, d, s, p, n, False, out_len)
+    assert mult == 1 and grid <= -(-(n + 2 * p) // s)
+    g = torch.Generator().manual_seed(k * 1000 + n)
+    w, x = torch.randn(k, generator=g, dtype=torch.float64), torch.randn(n, generator=g,
+                                                                       dtype=torch.float64)
+    xp = torch.nn.functional.pad(x, (p, p))
+    y = torch.stack([sum(w[j] * xp[s * o + d * j] for j in range(k)) for o in range(out_len)])
+    phases = sorted({(d * j) % s for j in range(k)})
+    xc = torch.zeros(nph, grid, dtype=torch.float64)  # the embedded input, by phase
+    for i in range(n):
+        t = i + p
+        if t % s in phases:
+            xc[phases.index(t % s), (t // s) % grid] += x[i]
+    yc = torch.stack([sum(w[j] * xc[phase[j], (o + shift[j]) % grid] for j in range(k))
+                      for o in range(out_len)])
+    torch.testing.assert_close(yc, y, rtol=0, atol=1e-12)
+
+
+def test_smallest_grid_of_same_convs():
+    """A "same" 3x3 conv on n x n embeds on (n + 1) x (n + 1): fewer frequencies."""
+    from lipkern.certified import symbol
+    from lipkern.certified.symbol import frequencies
+    from lipkern.spec import resolve_geometry
+    for n in (4, 8, 32):
+        sym = symbol(torch.randn(2, 2, 3, 3), resolve_geometry((2, 2, 3, 3),
+                                                                ConvSpec(n, padding=1), "w"))
+        assert sym.grid == (n + 1, n + 1)
+        assert len(frequencies(sym.grid)) == ((n + 1) ** 2 + (4 if n % 2 else 1)) // 2
+
+
+@pytest.mark.skipif(not hasattr(torch.ops.lipkern, "certify_frequencies"),
+                    reason="lipkern._C without csrc/cpu/certified.cpp")
+@pytest.mark.parametrize("is_gram", [False, True])
+def test_cpp_certificate_step_against_torch(is_gram):
+    """The C++ step (lower GEMM, potrf, Perron bounds) against the ATen step on the same
+    matrices: same success pattern, Perron bounds >= the exact Perron roots (eigvalsh)."""
+    import importlib
+    cert = importlib.import_module("lipkern.certified.certify")
+    g = torch.Generator().manual_seed(7)
+    n, m = 37, 53
+    b = torch.randn(6, n, m, dtype=torch.complex64, generator=g)
+    side = b @ b.mH if is_gram else b
+    lam = torch.linalg.eigvalsh((b @ b.mH).to(torch.complex128)).amax(-1)
+    mu = (lam * torch.tensor([1.1, 1.1, 0.9, 1.5, 0.5, 1.01], dtype=torch.float64)).float()
+    info_c, pl_c, pb_c = cert._step(side, is_gram, mu, True)
+    info_t, pl_t, pb_t = cert._step(side, is_gram, mu, False)
+    assert ((info_c == 0) == (info_t == 0)).all() and ((info_c == 0) == (mu.double() > lam)).all()
+    s = -(b @ b.mH).to(torch.complex128)
+    s.diagonal(dim1=-2, dim2=-1).add_(mu.double()[:, None])
+    for i in range(6):
+        if info_c[i] == 0:
+            la = torch.linalg.cholesky(s[i]).abs()
+            exact = torch.linalg.eigvalsh(la.mT @ la).max()
+            assert exact <= pl_c[i] <= exact * 1.2, (i, float(exact), float(pl_c[i]))
+            assert exact <= pl_t[i] * (1 + 1e-5)
+    if not is_gram:
+        exact_b = torch.linalg.eigvalsh(b.abs().double() @ b.abs().double().mT).amax(-1)
+        assert (pb_c >= exact_b).all() and (pb_c <= exact_b * 1.01).all()
+        assert (pb_t >= exact_b * (1 - 1e-5)).all()
+
+
+@pytest.mark.parametrize("backend", ["torch", "cpp"])
+def test_backends_bound_a_resnet_stage(backend):
+    """Layers as ResNet-18 has them (3x3 same, 3x3 stride 2, 1x1 stride 2) with both
+    certificate steps: >= the exact operator norm, within 1.2x of it."""
+    if backend == "cpp" and not hasattr(torch.ops.lipkern, "certify_frequencies"):
+        pytest.skip("lipkern._C without csrc/cpu/certified.cpp")
+    g = torch.Generator().manual_seed(11)
+    ws = [torch.randn(24, 16, 3, 3, generator=g), torch.randn(24, 24, 3, 3, generator=g),
+          torch.randn(24, 16, 1, 1, generator=g)]
+    # the smallest spatial size of ResNet-18 (4x4): there the circular embedding is loosest,
+    # 1.12-1.14x on ResNet-18's 512-channel layers (bench_bound), 1.11 here
+    ss = [ConvSpec(8, stride=2, padding=1), ConvSpec(4, padding=1), ConvSpec(8, stride=2)]
+    b = lipkern.certified_sigma(ws, ss, backend=backend, generator=torch.Generator().manual_seed(0))
+    for i, (w, s) in enumerate(zip(ws, ss)):
+        exact = float(exact_sigma(w, s))
+        assert exact <= float(b[i]) <= 1.2 * exact, (i, exact, float(b[i]))

@@ -1,0 +1,166 @@
+r"""The Gram matrix of every frequency, in complex64, with a bound on its error.
+
+Two ways to form ``H_f`` (``n x n``, ``n`` the smaller side, ``m`` the other), the cheaper
+chosen per layer (``choose_path``):
+
+* **frequency** (float32): ``A_f = sum_q T_q exp(i angle_fq)`` by one real GEMM with the
+  phase table, then ``H_f = B_f B_f^H`` (``B = A`` or ``A^H``), ``8 n^2 m`` flops per
+  frequency. Errors: ``||A_f - fl(A_f)||_2 <= sqrt(2) (Q + 3) u ||sum_q |T_q| ||_F`` (per
+  real component an inner product of Q terms with phases rounded to float32 and taps
+  rounded to float32, Higham Lemma 3.1) -- added on the sigma level (``sigma_err``); and
+  ``|fl(B B^H) - B B^H| <= c_m |B| |B|^T`` entrywise (``c_m = 4 (m + 4) u / (1 - ...)``,
+  twice the complex inner-product constant of Higham Lemma 3.5, any summation order), so
+  ``||.||_2 <= c_m || |B| ||_2^2``, the Perron root bounded from above by Collatz-Wielandt
+  (``perron_bound``) -- added on the lambda level (``lam_err``).
+* **spatial** (float64): ``G_d = sum_q B_q B_{q-d}^T`` for the ``(2Q - 1)^2`` offsets (half
+  of them by symmetry), ``Q(Q + 1)`` GEMMs of ``n^2 m`` at half the float32 rate, then one
+  GEMM with the (F, D) phase matrix; cheaper when the taps are few (polyphase strided convs,
+  1x1) or the grid is large. Error: the a-priori ``e_form`` below plus the rounding to
+  complex64, ``u ||H_f||_F``.
+
+The taps come in scaled by a power of two (``max |T| in [1, 2)``, exact) so that float32
+neither overflows nor underflows for weights from 1e-30 to 1e30; an absolute ``TINY`` in
+those units covers gradual underflow of the small entries (each op errs by <= 2^-149
+absolutely: far below 1e-30 for any size here).
+"""
+from __future__ import annotations
+
+import math
+from typing import List, NamedTuple, Optional, Tuple
+
+import torch
+
+U32 = 2.0 ** -24  # unit roundoff of float32
+U64 = 2.0 ** -53
+TINY = 1e-30  # absolute slack (scaled units, where lambda_max >= max|T|^2 >= 1)
+
+
+class Gram(NamedTuple):
+    """The per-frequency Gram matrices of one layer (or their factors) and error bounds.
+
+    side: (G * F, n, n) complex64 H_f (``is_gram``), or (G * F, n, m) complex64 B_f with
+    ``H_f = B_f B_f^H`` formed by the certificate step (whose GEMM error, ``c_m`` times the
+    Perron root of |B_f|, that step bounds); lam_err: (G * F,) float64 bound on the error of
+    a given H_f (None for B_f); sigma_err: float, bound on ``||A_f - fl(A_f)||_2``; left:
+    H = A A^H (True) or A^H A."""
+    side: torch.Tensor
+    is_gram: bool
+    lam_err: Optional[torch.Tensor]
+    sigma_err: float
+    left: bool
+
+
+def inner_constant(m: int, u: float = U32) -> float:
+    """c_m with |fl(x^H y) - x^H y| <= c_m |x|^T |y| for complex vectors of length m."""
+    c = 4 * (m + 4) * u
+    return c / (1 - c)
+
+
+def perron_bound(mat_abs: torch.Tensor, iters: int = 6) -> torch.Tensor:
+    """Upper bounds of ``lambda_max(|M|^T |M|)`` for (B, r, c) nonnegative float32 ``|M|``.
+
+    Collatz-Wielandt: for any x > 0, ``lambda_max(P) <= max_i (P x)_i / x_i`` for a
+    nonnegative P; x from a few power steps (floored at 1e-6 to stay positive). ``P x`` is
+    a sum of nonnegative terms, its float32 error <= (r + c + 2) u relative; the division
+    adds u: one upward factor covers both."""
+    b, r, c = mat_abs.shape
+    x = torch.ones(b, c, 1, dtype=mat_abs.dtype, device=mat_abs.device)
+    mt = mat_abs.mT
+    for _ in range(iters):
+        y = mt @ (mat_abs @ x)
+        x = (y / y.amax(dim=1, keepdim=True).clamp_min(1e-30)).clamp_min(1e-6)
+    y = mt @ (mat_abs @ x)
+    ratio = (y / x).amax(dim=(1, 2)).double()
+    return ratio * (1 + 4 * (r + c + 8) * U32)
+
+
+def choose_path(q: int, n_freq: int, m: int, n_off: int, lower_only: bool) -> str:
+    """'spatial' or 'frequency', by flop counts in units of n^2 m float32 flops (float64
+    GEMMs counted twice: half the rate on AVX-512 and on GPUs' fp32/fp64 ratio or worse;
+    the C++ step forms only the lower triangle, ~56% of the product at n = 512)."""
+    spatial = 2.0 * q * (q + 1) + 8.0 * n_freq * n_off / m
+    frequency = (4.5 if lower_only else 8.0) * n_freq
+    return "spatial" if spatial < frequency else "frequency"
+
+
+def gram_frequency(taps: torch.Tensor, freqs: List[Tuple[int, int]],
+                   angles: torch.Tensor) -> Gram:
+    """Gram matrices by the frequency path. taps (G, co, ci, Qh, Qw) float64 (scaled),
+    angles (F, Q) float64 (``symbol.phase_angles``)."""
+    gr, co, ci, qh, qw = taps.shape
+    nf, nq = angles.shape
+    t32 = taps.to(torch.float32).reshape(gr, co * ci, nq)
+    # interleaved (cos, sin) per frequency: the GEMM's output is complex64 in place
+    ph = torch.stack([torch.cos(angles), torch.sin(angles)], 1).reshape(2 * nf, nq)
+    a = t32 @ ph.to(torch.float32).T  # (G, co * ci, 2F)
+    a = torch.view_as_complex(a.view(gr, co, ci, nf, 2)).permute(0, 3, 1, 2)  # (G, F, co, ci)
+    left = co <= ci
+    b = a if left else a.mH
+    b = b.reshape(gr * nf, *b.shape[2:]).contiguous()
+    tabs = taps.abs().sum(dim=(3, 4))  # sum_q |T_q|, (G, co, ci)
+    sigma_err = math.sqrt(2) * (nq + 3) * U32 * 1.01 * float(
+        torch.linalg.vector_norm(tabs)) + TINY
+    return Gram(b, False, None, sigma_err, left)
+
+
+def _form_error(taps: torch.Tensor, grid: Tuple[int, int]) -> float:
+    """A-priori bound on ``||fl(H_f) - H_f||_2`` of the float64 spatial path:
+    ``8 (inner + Q^2 + 4 log2(M) + 8) u sqrt(Mh Mw) (sum_q ||T_q||_F)^2`` (the phase GEMM
+    sums at most Mh Mw... terms; the constant covers the offsets' GEMMs, the phase table's
+    rounding and the complex sums, 8x the textbook constants)."""
+    gr, co, ci, qh, qw = taps.shape
+    mh, mw = grid
+    inner = max(co, ci)
+    tsum = float(torch.linalg.vector_norm(taps, dim=(1, 2)).sum(dim=(1, 2)).max())
+    c = 8 * (inner + qh * qw + 4 * math.log2(mh * mw + 1) + 8) * U64 * math.sqrt(mh * mw)
+    return c * tsum * tsum * (1 + 1e-6)
+
+
+def gram_spatial(taps: torch.Tensor, grid: Tuple[int, int], freqs: List[Tuple[int, int]]
+                 ) -> Gram:
+    """Gram matrices by the spatial path (float64 offsets, phase GEMM), rounded to
+    complex64. taps (G, co, ci, Qh, Qw) float64 (scaled)."""
+    gr, co, ci, qh, qw = taps.shape
+    mh, mw = grid
+    left = co <= ci
+    # side matrices B_q with H_f = sum_{q, q'} B_q B_{q'}^T w^(f (q - q')): B_q = T_q (left,
+    # H = A A^H) or T_q^T (right, H = A^H A, where the phase is w^(f (q' - q)))
+    b = taps if left else taps.transpose(1, 2)
+    n = b.shape[1]
+    bq = b.permute(0, 3, 4, 1, 2).contiguous()  # (G, Qh, Qw, n, inner)
+    offsets, blocks = [], []
+    for dh in range(-(qh - 1), qh):
+        for dw in range(-(qw - 1), qw):
+            if (dh, dw) < (0, 0):
+                continue  # the other half-plane is the transpose: G_{-d} = G_d^T
+            hs = slice(max(0, dh), min(qh, qh + dh))  # taps q with q - d also a tap
+            ws = slice(max(0, dw), min(qw, qw + dw))
+            hr = slice(hs.start - dh, hs.stop - dh)
+            wr = slice(ws.start - dw, ws.stop - dw)
+            lhs = bq[:, hs, ws].permute(0, 3, 1, 2, 4).reshape(gr, n, -1)
+            rhs = bq[:, hr, wr].permute(0, 3, 1, 2, 4).reshape(gr, n, -1)
+            gd = lhs @ rhs.transpose(1, 2)  # sum_q B_q B_{q-d}^T: one GEMM per offset
+            sd = (dh, dw) if left else (-dh, -dw)
+            offsets.append(sd)
+            blocks.append(gd)
+            if (dh, dw) != (0, 0):
+                offsets.append((-sd[0], -sd[1]))
+                blocks.append(gd.transpose(1, 2))
+    # H_f = sum_d G_d exp(-2 pi i <f, d / M>) over the (2Q - 1)^2 offsets: one float32 GEMM
+    # of the (D, n^2) blocks with the (D, 2F) interleaved phase table, complex64 in place.
+    # Its error per real component <= (D + 3) u sum_d |G_d| (D terms, the phases and the
+    # blocks rounded to float32), so ||.||_2 <= sqrt(2) (D + 3) u ||sum_d |G_d| ||_F for every
+    # frequency; the float64 blocks' own error is e_form.
+    f = torch.tensor(freqs, dtype=torch.float64, device=taps.device)  # (F, 2)
+    d = torch.tensor(offsets, dtype=torch.float64, device=taps.device)  # (D, 2)
+    ang = -2 * math.pi * (f[:, None, 0] * d[None, :, 0] / mh + f[:, None, 1] * d[None, :, 1] / mw)
+    nf, nd = len(freqs), len(offsets)
+    ph = torch.stack([torch.cos(ang), torch.sin(ang)], 1).reshape(2 * nf, nd)  # (2F, D)
+    gflat = torch.stack(blocks, 1).reshape(gr, nd, n * n)
+    gabs = float(torch.linalg.vector_norm(gflat.abs().sum(1), dim=1).max())
+    out = gflat.to(torch.float32).transpose(1, 2) @ ph.to(torch.float32).T  # (G, n^2, 2F)
+    h = torch.view_as_complex(out.view(gr, n * n, nf, 2)).permute(0, 2, 1)
+    h = h.reshape(gr * nf, n, n).contiguous()
+    err = math.sqrt(2) * (nd + 3) * U32 * 1.01 * gabs + _form_error(taps, grid) + TINY
+    lam_err = torch.full((gr * nf,), err, dtype=torch.float64, device=taps.device)
+    return Gram(h, True, lam_err, 0.0, left)
