@@ -43,7 +43,7 @@ using gemm_t = void (*)(const char*, const char*, const int*, const int*, const 
 using potrf_t = void (*)(const char*, const int*, cf*, const int*, int*);
 
 constexpr int kBlock = 64;      // block-column width of the lower-triangle GEMM
-constexpr int kPerronIters = 4;  // power steps before the Collatz-Wielandt ratio
+constexpr int kPerronIters = 3;  // power steps before the Collatz-Wielandt ratio
 
 struct Lapack {
   gemm_t gemm = nullptr;

@@ -41,25 +41,30 @@ RETRY_ITERS = 60  # more iterations for a frequency whose certificate failed
 ROUNDS = 4  # certificate attempts (margin x4 each), then the Frobenius bound
 
 
-def _apply(side: torch.Tensor, is_gram: bool, v: torch.Tensor) -> torch.Tensor:
-    return side @ v if is_gram else side @ (side.mH @ v)
-
-
 def power(side: torch.Tensor, is_gram: bool, v: torch.Tensor, iters: int):
     """Power iteration on H (B, n, n) (or H = B B^H from B (B, n, m)) from v (B, n, 1):
-    (lambda_est (B,) float64, v)."""
+    (lambda_est (B,) float64, v).
+
+    Runs on row vectors r = v^H: ``r H`` and ``(r B) B^H`` with B^H made contiguous once
+    (measured, 512 x 512 complex64, 1 thread: B^H v as a strided bmm 3.2 ms, r B 0.4 ms)."""
+    bh = None if is_gram else side.mH.contiguous()
+
+    def apply(r):
+        return r @ side if is_gram else (r @ side) @ bh
+
+    r = v.mH
     for i in range(iters):
-        v = _apply(side, is_gram, v)
+        r = apply(r)
         if i % 2 or i == iters - 1:  # scaled units: lambda^2 < 1e16, no overflow between
-            v = v / _norm(v).clamp_min(1e-30)
-    lam = _norm(_apply(side, is_gram, v))[:, 0, 0]  # ||H v|| <= lambda_max for unit v
-    return lam.double(), v
+            r = r / _norm(r).clamp_min(1e-30)
+    lam = _norm(apply(r))[:, 0, 0]  # ||H v|| <= lambda_max for unit v
+    return lam.double(), r.mH
 
 
-def _norm(v: torch.Tensor) -> torch.Tensor:
-    """(B, n, 1) complex -> (B, 1, 1) 2-norms (on the real view: vector_norm of complex
+def _norm(r: torch.Tensor) -> torch.Tensor:
+    """(B, 1, n) complex -> (B, 1, 1) 2-norms (on the real view: vector_norm of complex
     tensors is ~10x slower here)."""
-    return torch.view_as_real(v).square().sum(dim=(1, 3), keepdim=True).sqrt()[..., 0]
+    return torch.view_as_real(r).square().sum(dim=(2, 3)).sqrt()[:, :, None]
 
 
 def _gram_of(side: torch.Tensor, is_gram: bool) -> torch.Tensor:

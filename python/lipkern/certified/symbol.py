@@ -3,6 +3,7 @@ derivation): the tap tensor, the circular grid, and the grid's frequencies up to
 """
 from __future__ import annotations
 
+import functools
 import math
 from typing import List, NamedTuple, Tuple
 
@@ -43,6 +44,7 @@ def _embeds(m: int, k: int, d: int, s: int, p: int, n: int, out_len: int) -> boo
     return True
 
 
+@functools.lru_cache(maxsize=1024)
 def _axis(k: int, d: int, s: int, p: int, n: int, circular: bool, out_len: int):
     """One spatial axis: per tap j its (phase, shift), the phases used, the grid length and
     the output multiplicity.
@@ -68,7 +70,8 @@ def _axis(k: int, d: int, s: int, p: int, n: int, circular: bool, out_len: int):
     phases = sorted({e % se for e in offs})
     shifts = [(e // se) % grid for e in offs]
     q = max(shifts) + 1
-    return [phases.index(e % se) for e in offs], shifts, len(phases), q, grid, mult
+    return (tuple(phases.index(e % se) for e in offs), tuple(shifts), len(phases), q, grid,
+            mult)
 
 
 def symbol(w: torch.Tensor, g: LayerGeom) -> Symbol:
