@@ -38,8 +38,11 @@ def main(argv=None):
     p.add_argument("--n-iters", type=int, default=5)
     p.add_argument("--reps", type=int, default=5)
     p.add_argument("--device", default="auto")
+    p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     p.add_argument("--no-save", action="store_true")
     a = p.parse_args(argv)
+    if a.threads:
+        torch.set_num_threads(a.threads)
     if a.section == "certified":
         return certified_section(a)
     device = torch.device("cuda" if a.device == "auto" and torch.cuda.is_available()
@@ -160,11 +163,24 @@ def certified_section(a):
     for name in a.workloads.split(","):
         model, x, names, ws, specs = _layers(name)
         gen = lambda: torch.Generator().manual_seed(0)  # noqa: E731
-        _, t_pi50 = _timed(lambda: lipkern.fused_power_iter(ws, specs, n_iters=50,
-                                                            backend="cpp", generator=gen()))
-        cert, t_cert = _timed(lambda: lipkern.certified_sigma(ws, specs, generator=gen()))
-        _, t_pi50b = _timed(lambda: lipkern.fused_power_iter(ws, specs, n_iters=50,
-                                                             backend="cpp", generator=gen()))
+        pi50 = lambda: lipkern.fused_power_iter(ws, specs, n_iters=50,  # noqa: E731
+                                                backend="cpp", generator=gen())
+        certs = {"cpp": lambda: lipkern.certified_sigma(ws, specs, backend="cpp",
+                                                       generator=gen()),
+                 "torch": lambda: lipkern.certified_sigma(ws, specs, backend="torch",
+                                                         generator=gen())}
+        pi50(), [f() for f in certs.values()]  # warm-up: MKL, oneDNN primitives, caches
+        runs = {"pi50": [], "cpp": [], "torch": []}
+        for _ in range(a.reps):  # round-robin, same inputs
+            runs["pi50"].append(_timed(pi50)[1])
+            for k, f in certs.items():
+                cert_k, t = _timed(f)
+                runs[k].append(t)
+                if k == "cpp":
+                    cert = cert_k
+        t_pi50m = statistics.median(runs["pi50"])
+        t_cert = statistics.median(runs["cpp"])
+        t_cert_torch = statistics.median(runs["torch"])
         conv_iters = 300  # with tol=1e-7: a layer stops once its estimate moves < 1e-7
         est = lipkern.fused_power_iter(ws, specs, n_iters=conv_iters, tol=1e-7, backend="cpp",
                                        generator=gen()).sigmas
@@ -179,23 +195,26 @@ def certified_section(a):
             print(f"| {n} | {tuple(w.shape)} | {s.input_size} s{s.stride[0]} | "
                   f"{float(est[i]):.5g} | {float(exact[i]):.5g} | {float(cert[i]):.5g} | "
                   f"{r:.4f} |")
-        t_pi50m = min(t_pi50, t_pi50b)
         line = dict(date=stamp, device=device_name(torch.device("cpu")), **versions(),
-                    workload=f"certified_{name}", n_layers=len(ws),
-                    certified_s=t_cert, power_iter50_s=t_pi50m, power_iter50_runs_s=[t_pi50, t_pi50b],
+                    threads=torch.get_num_threads(), workload=f"certified_{name}",
+                    n_layers=len(ws), certified_s=t_cert, certified_torch_s=t_cert_torch,
+                    power_iter50_s=t_pi50m, runs_s=runs, reps=a.reps,
                     time_ratio=t_cert / t_pi50m, max_ratio_vs_estimate=max(ratios),
                     ratios=ratios, converged_iters=conv_iters,
                     certified_ge_exact_circular=bool((cert.double() >= exact * (1 - 1e-12)).all()))
-        print(f"\ncertified_sigma {t_cert:.2f} s; 50 power iterations (cpp) {t_pi50:.2f} s and "
-              f"{t_pi50b:.2f} s (before/after): ratio {t_cert / t_pi50m:.2f}x; max certified / "
-              f"converged estimate {max(ratios):.4f}")
+        print(f"\n| {torch.get_num_threads()} threads, median of {a.reps} | seconds | / 50 power "
+              f"iterations |\n|---|---:|---:|\n| fused_power_iter, 50 iterations (cpp) | "
+              f"{t_pi50m:.3f} | 1.00 |\n| certified_sigma, backend cpp | {t_cert:.3f} | "
+              f"{t_cert / t_pi50m:.2f} |\n| certified_sigma, backend torch | {t_cert_torch:.3f} | "
+              f"{t_cert_torch / t_pi50m:.2f} |\n\nmax certified / converged estimate "
+              f"{max(ratios):.4f}")
         if model is not None:
             rep, t_rep = _timed(lambda: lipkern.lipschitz_bound(model, x, n_iters=10,
                                                                 generator=gen()))
+            est_v, up_v = float(rep.estimate.detach()), float(rep.upper.detach())
             print(f"whole-network lipschitz_bound (trace + forward + 10 fused iterations + "
-                  f"certified): {t_rep:.2f} s; estimate {float(rep.estimate):.4g}, certified "
-                  f"upper {float(rep.upper):.4g}")
-            line.update(report_s=t_rep, estimate=float(rep.estimate), upper=float(rep.upper))
+                  f"certified): {t_rep:.2f} s; estimate {est_v:.4g}, certified upper {up_v:.4g}")
+            line.update(report_s=t_rep, estimate=est_v, upper=up_v)
         orth, why = _orthogonium(ws, specs, 2)
         print(f"orthogonium get_conv_sv: {why or orth}")
         line["orthogonium"] = why or orth

@@ -16,9 +16,9 @@ layer's input and a selection of outputs:
   padded input into its ``s^2`` phases ``x_r[m] = x[s m + r]`` (polyphase) turns it into a
   stride-1 valid correlation with ``ci * s^2`` input channels and ``ceil(d (k-1) + 1) / s)``
   taps on a grid of ``ceil(N / s)`` points, and a valid correlation never wraps, so it is a
-  crop of the circular one on that grid (``symbol._axis`` takes the smallest grid that still
-  embeds the layer: the padding may wrap onto padding). Padding, phase split and crop have norm <= 1, so
-  ``sigma <= ||circ||``. Phases no tap reaches are dropped (a 1x1 stride-2 conv is its
+  crop of the circular one on that grid (``symbol._axis`` takes the smallest grid that
+  still embeds the layer: the padding may wrap onto padding). Padding, phase split and crop
+  have norm <= 1, so ``sigma <= ||circ||``. Phases no tap reaches are dropped (a 1x1 stride-2 conv is its
   matrix). The bound is the one Sedghi et al. (2019) and Delattre et al. (2024) use for zero
   padding; stride handled by polyphase keeps it tight (bounding by the stride-1 conv is valid
   but loose by up to ``s``);
