@@ -213,3 +213,28 @@ def test_backends_bound_a_resnet_stage(backend):
     for i, (w, s) in enumerate(zip(ws, ss)):
         exact = float(exact_sigma(w, s))
         assert exact <= float(b[i]) <= 1.2 * exact, (i, exact, float(b[i]))
+
+
+@pytest.mark.parametrize("backend", ["torch", "cpp"])
+@pytest.mark.parametrize("scale", [1e-30, 1e-20, 1.0, 1e20, 1e30])
+def test_extreme_scales_every_path(backend, scale):
+    """The complex64 Gram and Cholesky run on taps scaled by a power of two: a conv on the
+    frequency path (3x3, many channels), one on the spatial path (stride 2) and a dense
+    layer, at every scale: >= exact, within 1.2x, the same relative value at every scale."""
+    if backend == "cpp" and not hasattr(torch.ops.lipkern, "certify_frequencies"):
+        pytest.skip("lipkern._C without csrc/cpu/certified.cpp")
+    g = torch.Generator().manual_seed(5)
+    base = [torch.randn(40, 40, 3, 3, generator=g), torch.randn(8, 6, 3, 3, generator=g),
+            torch.randn(7, 5, generator=g)]
+    ss = [ConvSpec(4, padding=1), ConvSpec(6, stride=2, padding=1), None]
+    from lipkern.certified.gram import choose_path  # the first layer takes the frequency path
+    assert choose_path(9, 13, 40, 25, backend == "cpp") == "frequency"
+    ws = [w * scale for w in base]
+    b = lipkern.certified_sigma(ws, ss, backend=backend, generator=torch.Generator().manual_seed(0))
+    b1 = lipkern.certified_sigma(base, ss, backend=backend,
+                                 generator=torch.Generator().manual_seed(0))
+    for i, (w, s) in enumerate(zip(base, ss)):
+        exact = float(exact_sigma(w.double(), s)) * scale
+        assert exact <= float(b[i]) <= 1.2 * exact, (i, exact, float(b[i]))
+        # power-of-two scaling is exact: only the float32 output rounding differs
+        assert float(b[i]) / scale == pytest.approx(float(b1[i]), rel=1e-6)
