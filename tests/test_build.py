@@ -38,6 +38,7 @@ from triton.compiler import ASTSource
 from triton.backends.compiler import GPUTarget
 from lipkern.triton_kernels import power_iter as k
 from lipkern.triton_kernels import normalize as nk
+from lipkern.triton_kernels import certified as ck
 
 def compile_(fn, sig, consts, cap):
     full = dict(sig, **{c: "constexpr" for c in consts})
@@ -77,6 +78,10 @@ for wt, tlt, gt in (("fp32", tl.float32, "*fp32"), ("bf16", tl.bfloat16, "*bf16"
                  dict(W_DTYPE=tlt, HAS_GS=has_gs, HAS_GWHAT=True, HAS_CONV=has_gs, META_WIDTH=20,
                       BLOCK_C=k.BLOCK_C, BLOCK_P=k.BLOCK_P, BLOCK_R=k.BLOCK_R,
                       BLOCK_E=nk.BLOCK_E), cap)
+for q in (1, 4, 9):  # certified_sigma's frequency matrices: dense, 2x2 polyphase, 3x3
+    compile_(ck.phase_sum_kernel,
+             dict(t_ptr="*fp32", ph_ptr="*fp32", out_ptr="*fp32", E="i32", NF="i32",
+                  CO_CI="i32"), dict(Q=q, BLOCK_E=ck.BLOCK_E), cap)
 print("ok")
 """
 

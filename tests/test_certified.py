@@ -120,7 +120,7 @@ def test_errors_name_the_argument():
     with pytest.raises(ValueError, match=r"weights\[0\] contains NaN"):
         lipkern.certified_sigma([torch.full((2, 2), float("nan"))])
     with pytest.raises(ValueError, match="not implemented yet"):
-        lipkern.certified_sigma([torch.randn(2, 2)], backend="triton")
+        lipkern.certified_sigma([torch.randn(2, 2)], backend="cuda")
     with pytest.raises(ValueError, match="backend must be"):
         lipkern.certified_sigma([torch.randn(2, 2)], backend="bogus")
     with pytest.raises(ValueError, match=r"specs has 2 entries"):
@@ -238,3 +238,50 @@ def test_extreme_scales_every_path(backend, scale):
         assert exact <= float(b[i]) <= 1.2 * exact, (i, exact, float(b[i]))
         # power-of-two scaling is exact: only the float32 output rounding differs
         assert float(b[i]) / scale == pytest.approx(float(b1[i]), rel=1e-6)
+
+
+def _interpreting():
+    import os
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+@pytest.mark.skipif(not _interpreting(), reason="needs TRITON_INTERPRET=1 on the CPU")
+@pytest.mark.parametrize("shape,groups", [((5, 3, 3, 3), 1), ((6, 2, 3, 2), 3), ((1, 1, 1, 1), 1)])
+def test_triton_phase_sum_against_aten(shape, groups):
+    """The Triton kernel's A_f (poisoned output) against the ATen einsum, odd shapes."""
+    pytest.importorskip("triton")
+    from lipkern.certified.symbol import frequencies, phase_angles
+    from lipkern.triton_kernels.certified import phase_sum
+    g = torch.Generator().manual_seed(3)
+    co, ci, qh, qw = shape
+    taps = torch.randn(groups, co, ci, qh, qw, generator=g, dtype=torch.float64)
+    grid = (5, 4)
+    freqs = frequencies(grid)
+    ang = phase_angles(freqs, grid, qh, qw, "cpu")
+    a = phase_sum(taps.float().reshape(groups, co, ci, qh * qw).contiguous(), ang)
+    ref = torch.einsum("gocq,fq->gfoc", taps.reshape(groups, co, ci, qh * qw).to(torch.complex128),
+                       torch.exp(1j * ang.to(torch.complex128)))
+    assert a.dtype == torch.complex64 and a.shape == ref.shape
+    torch.testing.assert_close(a.to(torch.complex128), ref, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.skipif(not _interpreting(), reason="needs TRITON_INTERPRET=1 on the CPU")
+def test_triton_backend_bounds_like_torch():
+    pytest.importorskip("triton")
+    g = torch.Generator().manual_seed(4)
+    ws = [torch.randn(40, 40, 3, 3, generator=g), torch.randn(8, 6, 3, 3, generator=g)]
+    ss = [ConvSpec(4, padding=1), ConvSpec(6, stride=2, padding=1)]
+    gen = lambda: torch.Generator().manual_seed(0)  # noqa: E731
+    bt = lipkern.certified_sigma(ws, ss, backend="triton", generator=gen())
+    bo = lipkern.certified_sigma(ws, ss, backend="torch", generator=gen())
+    for i, (w, s) in enumerate(zip(ws, ss)):
+        exact = float(exact_sigma(w, s))
+        assert exact <= float(bt[i]) <= 1.2 * exact
+    torch.testing.assert_close(bt, bo, rtol=1e-5, atol=0)  # one estimate, same certificate
+
+
+def test_triton_backend_refuses_cpu_tensors_without_interpreter(monkeypatch):
+    pytest.importorskip("triton")
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    with pytest.raises(ValueError, match="runs on CUDA tensors"):
+        lipkern.certified_sigma([torch.randn(3, 3)], backend="triton")

@@ -18,8 +18,8 @@ layer's input and a selection of outputs:
   taps on a grid of ``ceil(N / s)`` points, and a valid correlation never wraps, so it is a
   crop of the circular one on that grid (``symbol._axis`` takes the smallest grid that
   still embeds the layer: the padding may wrap onto padding). Padding, phase split and crop
-  have norm <= 1, so ``sigma <= ||circ||``. Phases no tap reaches are dropped (a 1x1 stride-2 conv is its
-  matrix). The bound is the one Sedghi et al. (2019) and Delattre et al. (2024) use for zero
+  have norm <= 1, so ``sigma <= ||circ||``. Phases no tap reaches are dropped (a 1x1
+  stride-2 conv is its matrix). The bound is the one Sedghi et al. (2019) and Delattre et al. (2024) use for zero
   padding; stride handled by polyphase keeps it tight (bounding by the stride-1 conv is valid
   but loose by up to ``s``);
 * conv, circular padding: the layer evaluates the circular correlation on the input's own
@@ -67,9 +67,23 @@ __all__ = ["certified_sigma", "symbol", "Symbol", "certify_symbol", "CERT_MARGIN
 GRAD_REFINE_ITERS = 30  # float64 iterations on the best frequency's A_f for the gradient
 
 
+def _check_triton(w: torch.Tensor) -> None:
+    """backend 'triton' needs Triton and a CUDA tensor (or the interpreter)."""
+    import os
+    from ..backends import BackendUnavailableError
+    try:
+        import triton  # noqa: F401
+    except ImportError as e:
+        raise BackendUnavailableError(f"certified_sigma: backend 'triton' needs triton ({e})")
+    if w.device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+        raise BackendUnavailableError(
+            "certified_sigma: backend 'triton' runs on CUDA tensors (or under "
+            "TRITON_INTERPRET=1); got a tensor on " + str(w.device))
+
+
 def _use_cpp(t: torch.Tensor, backend: str) -> bool:
     """The C++ certificate step: for CPU tensors when the extension has it."""
-    if backend == "torch" or t.device.type != "cpu":
+    if backend in ("torch", "triton") or t.device.type != "cpu":
         return False
     try:
         from .. import _C  # noqa: F401
@@ -102,7 +116,8 @@ def certify_symbol(sym: Symbol, generator=None, backend: str = "auto"):
     if path == "spatial":
         gram = gram_spatial(taps, sym.grid, freqs)
     else:
-        gram = gram_frequency(taps, freqs, phase_angles(freqs, sym.grid, qh, qw, taps.device))
+        gram = gram_frequency(taps, freqs, phase_angles(freqs, sym.grid, qh, qw, taps.device),
+                              use_triton=backend == "triton")
     bound, lam, v = certify(gram, use_cpp, generator)
     lam_bound = float(bound.max())
     best = int(lam.argmax())
@@ -174,9 +189,11 @@ def certified_sigma(weights: Sequence[torch.Tensor],
         specs: as for :func:`lipkern.fused_power_iter`: None reads a weight as a matrix,
             a :class:`ConvSpec` gives the conv operator (zero or circular padding, any
             stride, dilation and groups; transposed convs).
-        backend: "auto" | "cpp" | "torch". "cpp": the certificate step in C++
-            (csrc/cpu/certified.cpp; CPU tensors; "auto" takes it when built); "torch":
-            batched ATen GEMMs and Cholesky (any device). The taps and the Gram matrices of
+        backend: "auto" | "cpp" | "triton" | "torch". "cpp": the certificate step in C++
+            (csrc/cpu/certified.cpp; CPU tensors; "auto" takes it when built); "triton":
+            the frequency matrices by a Triton kernel (triton_kernels/certified.py; CUDA
+            tensors), Gram and Cholesky by cuBLAS/cuSOLVER through ATen; "torch": batched
+            ATen GEMMs and Cholesky (any device). The taps and the Gram matrices of
             few-tap layers are formed by ATen in both. :func:`lipkern.reference.certified_sigma`
             is the specification (the exact circular norms by SVD).
         generator: seeds the estimates' start vectors (the bound holds for any seed; only
@@ -189,13 +206,15 @@ def certified_sigma(weights: Sequence[torch.Tensor],
     """
     weights = check_weights(weights)
     specs = check_specs(specs, len(weights))
-    if backend in ("triton", "cuda"):
+    if backend == "cuda":
         from ..backends import BackendUnavailableError
         raise BackendUnavailableError(
-            f"certified_sigma: backend {backend!r} is not implemented yet; use 'auto', "
-            f"'cpp' or 'torch'")
-    if backend not in ("auto", "torch", "cpp"):
-        raise ValueError(f"backend must be 'auto', 'cpp' or 'torch', got {backend!r}")
+            "certified_sigma: backend 'cuda' is not implemented yet; use 'auto', 'triton', "
+            "'cpp' or 'torch'")
+    if backend not in ("auto", "torch", "cpp", "triton"):
+        raise ValueError(f"backend must be 'auto', 'cpp', 'triton' or 'torch', got {backend!r}")
+    if backend == "triton":
+        _check_triton(weights[0])
     out_dtype = torch.float64 if weights[0].dtype == torch.float64 else torch.float32
     geoms = [resolve_geometry(tuple(w.shape), s, f"weights[{i}]")
              for i, (w, s) in enumerate(zip(weights, specs))]

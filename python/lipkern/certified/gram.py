@@ -84,16 +84,21 @@ def choose_path(q: int, n_freq: int, m: int, n_off: int, lower_only: bool) -> st
 
 
 def gram_frequency(taps: torch.Tensor, freqs: List[Tuple[int, int]],
-                   angles: torch.Tensor) -> Gram:
+                   angles: torch.Tensor, use_triton: bool = False) -> Gram:
     """Gram matrices by the frequency path. taps (G, co, ci, Qh, Qw) float64 (scaled),
-    angles (F, Q) float64 (``symbol.phase_angles``)."""
+    angles (F, Q) float64 (``symbol.phase_angles``). use_triton: A_f by the Triton kernel
+    (triton_kernels/certified.py), else by one ATen GEMM with the phase table."""
     gr, co, ci, qh, qw = taps.shape
     nf, nq = angles.shape
     t32 = taps.to(torch.float32).reshape(gr, co * ci, nq)
-    # interleaved (cos, sin) per frequency: the GEMM's output is complex64 in place
-    ph = torch.stack([torch.cos(angles), torch.sin(angles)], 1).reshape(2 * nf, nq)
-    a = t32 @ ph.to(torch.float32).T  # (G, co * ci, 2F)
-    a = torch.view_as_complex(a.view(gr, co, ci, nf, 2)).permute(0, 3, 1, 2)  # (G, F, co, ci)
+    if use_triton:
+        from ..triton_kernels.certified import phase_sum
+        a = phase_sum(t32.reshape(gr, co, ci, nq).contiguous(), angles)  # (G, F, co, ci)
+    else:
+        # interleaved (cos, sin) per frequency: the GEMM's output is complex64 in place
+        ph = torch.stack([torch.cos(angles), torch.sin(angles)], 1).reshape(2 * nf, nq)
+        a = t32 @ ph.to(torch.float32).T  # (G, co * ci, 2F)
+        a = torch.view_as_complex(a.view(gr, co, ci, nf, 2)).permute(0, 3, 1, 2)
     left = co <= ci
     b = a if left else a.mH
     b = b.reshape(gr * nf, *b.shape[2:]).contiguous()
