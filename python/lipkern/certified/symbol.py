@@ -90,7 +90,10 @@ def symbol(w: torch.Tensor, g: LayerGeom) -> Symbol:
     k = wd.reshape(co, ci, g.kh * g.kw)
     t = k.new_zeros(co, ci, nrh * nrw * qh * qw).index_add(
         2, torch.tensor(idx, device=w.device), k)
-    t = t.reshape(g.groups, co // g.groups, ci * nrh * nrw, qh, qw)
+    # phases outermost in ci' (ci' = phase * ci + c): gram_spatial skips a tap's unreached
+    # phases as whole column blocks
+    t = t.reshape(co, ci, nrh * nrw, qh, qw).transpose(1, 2)
+    t = t.reshape(g.groups, co // g.groups, nrh * nrw * ci, qh, qw)
     # an axis with one tap has the same matrix at every frequency: a grid of 1 says the same
     return Symbol(t, (1 if qh == 1 else mh, 1 if qw == 1 else mw), math.sqrt(multh * multw))
 
