@@ -106,6 +106,54 @@ double perron_upper(const float* m, int rows, int cols, bool lower_only) {
 // slower here; the scaled entries are O(1), no overflow), inside the caller's (1 + 8 u)
 inline float modulus(cf z) { return std::sqrt(z.real() * z.real() + z.imag() * z.imag()); }
 
+// One frequency: S = mu I - B B^H (or mu I - conj(H)) into s (n x n, column-major lower),
+// its Perron bound of |B| into *pb (not for a given H), potrf, and the Perron bound of |L|
+// into *pl where it completed. bf: B row-major (n x m) = column-major Bc (m x n), or H.
+int certify_one(const Lapack& lp, const cf* bf, int n, int m, bool is_gram, float muf,
+                std::vector<cf>& s, std::vector<float>& absm, double* pl, double* pb) {
+  s.assign(static_cast<size_t>(n) * n, cf(0.f, 0.f));
+  if (is_gram) {  // S = mu I - conj(H), lower triangle (column-major)
+    for (int j = 0; j < n; ++j)
+      for (int i = j; i < n; ++i) {
+        const int64_t k = i + static_cast<int64_t>(j) * n;
+        s[k] = -bf[k];
+      }
+  } else {
+    // lower blocks of -Bc^H Bc, Bc = the column-major (m x n) view of B
+    const cf alpha(-1.f, 0.f), beta(1.f, 0.f);
+    for (int j0 = 0; j0 < n; j0 += kBlock) {
+      const int nb = std::min(kBlock, n - j0);
+      const int rows = n - j0;
+      lp.gemm("C", "N", &rows, &nb, &m, &alpha, bf + static_cast<int64_t>(j0) * m, &m,
+              bf + static_cast<int64_t>(j0) * m, &m, &beta,
+              s.data() + j0 + static_cast<int64_t>(j0) * n, &n);
+    }
+    absm.resize(static_cast<size_t>(n) * m);
+    for (int64_t k = 0; k < static_cast<int64_t>(n) * m; ++k) absm[k] = modulus(bf[k]);
+    *pb = perron_upper(absm.data(), m, n, false);
+  }
+  for (int j = 0; j < n; ++j) s[j + static_cast<int64_t>(j) * n] += cf(muf, 0.f);
+  int inf = 0;
+  lp.potrf("L", &n, s.data(), &n, &inf);
+  if (inf == 0) {
+    absm.resize(static_cast<size_t>(n) * n);
+    for (int j = 0; j < n; ++j)
+      for (int i = j; i < n; ++i) {
+        const int64_t k = i + static_cast<int64_t>(j) * n;
+        absm[k] = modulus(s[k]);
+      }
+    *pl = perron_upper(absm.data(), n, n, true);
+  }
+  return inf;
+}
+
+const Lapack& checked_lapack() {
+  const Lapack& lp = lapack();
+  TORCH_CHECK(lp.gemm && lp.potrf,
+              "certify_frequencies: cgemm_/cpotrf_ not found in the loaded BLAS/LAPACK");
+  return lp;
+}
+
 }  // namespace
 
 // side: (F, n, m) complex64 rows B_f with H_f = B_f B_f^H (is_gram false), or (F, n, n)
@@ -121,9 +169,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> certify_frequencies_cpu(
   TORCH_CHECK(mu_in.scalar_type() == at::kFloat && mu_in.dim() == 1 &&
                   mu_in.size(0) == side_in.size(0),
               "certify_frequencies: mu must be (F,) float32");
-  const Lapack& lp = lapack();
-  TORCH_CHECK(lp.gemm && lp.potrf,
-              "certify_frequencies: cgemm_/cpotrf_ not found in the loaded BLAS/LAPACK");
+  const Lapack& lp = checked_lapack();
   const at::Tensor side = side_in.contiguous();
   const at::Tensor mu = mu_in.contiguous();
   const int64_t nf = side.size(0);
@@ -139,46 +185,81 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> certify_frequencies_cpu(
   double* plp = pl.data_ptr<double>();
   double* pbp = pb.data_ptr<double>();
   at::parallel_for(0, nf, 1, [&](int64_t b0, int64_t b1) {
-    std::vector<cf> s(static_cast<size_t>(n) * n);
+    std::vector<cf> s;
     std::vector<float> absm;
-    for (int64_t f = b0; f < b1; ++f) {
-      const cf* bf = sp + f * static_cast<int64_t>(n) * m;
-      const float muf = mup[f];
-      if (is_gram) {  // S = mu I - conj(H), lower triangle (column-major)
-        for (int j = 0; j < n; ++j)
-          for (int i = j; i < n; ++i) {
-            const int64_t k = i + static_cast<int64_t>(j) * n;
-            s[k] = -bf[k];
-          }
-      } else {
-        for (int j = 0; j < n; ++j)
-          for (int i = j; i < n; ++i) s[i + static_cast<int64_t>(j) * n] = cf(0.f, 0.f);
-        // lower blocks of -Bc^H Bc, Bc = the column-major (m x n) view of B
-        const cf alpha(-1.f, 0.f), beta(1.f, 0.f);
-        for (int j0 = 0; j0 < n; j0 += kBlock) {
-          const int nb = std::min(kBlock, n - j0);
-          const int rows = n - j0;
-          lp.gemm("C", "N", &rows, &nb, &m, &alpha, bf + static_cast<int64_t>(j0) * m, &m,
-                  bf + static_cast<int64_t>(j0) * m, &m, &beta,
-                  s.data() + j0 + static_cast<int64_t>(j0) * n, &n);
+    for (int64_t f = b0; f < b1; ++f)
+      infop[f] = certify_one(lp, sp + f * static_cast<int64_t>(n) * m, n, m, is_gram, mup[f],
+                             s, absm, plp + f, pbp + f);
+  });
+  return {info, pl, pb};
+}
+
+// The frequency path without its (G, F, co, ci) intermediate: each frequency's matrix
+// A_f = sum_q T_q (cos + i sin)(angle_fq) is formed in the thread's buffer (float32 sums of
+// Q terms in tap order, the error gram.py bounds), as B = A (left, n = co) or B = A^H
+// (n = ci), then certified as above. taps: (G, Q, co, ci) float32 (tap-major); ph: (F, Q, 2) float32
+// (cos, sin); ids: (K,) int64 indices g * F + f to do; mu: (K,) float32. Returns as
+// certify_frequencies, per entry of ids.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> certify_taps_cpu(
+    const at::Tensor& taps_in, const at::Tensor& ph_in, const at::Tensor& ids_in,
+    const at::Tensor& mu_in, bool left) {
+  TORCH_CHECK(taps_in.scalar_type() == at::kFloat && taps_in.dim() == 4,
+              "certify_taps: taps must be (G, Q, co, ci) float32");
+  TORCH_CHECK(ph_in.scalar_type() == at::kFloat && ph_in.dim() == 3 && ph_in.size(2) == 2 &&
+                  ph_in.size(1) == taps_in.size(1),
+              "certify_taps: ph must be (F, Q, 2) float32");
+  TORCH_CHECK(ids_in.scalar_type() == at::kLong && ids_in.dim() == 1,
+              "certify_taps: ids must be (K,) int64");
+  TORCH_CHECK(mu_in.scalar_type() == at::kFloat && mu_in.dim() == 1 &&
+                  mu_in.size(0) == ids_in.size(0),
+              "certify_taps: mu must be (K,) float32");
+  const Lapack& lp = checked_lapack();
+  const at::Tensor taps = taps_in.contiguous(), ph = ph_in.contiguous();
+  const at::Tensor ids = ids_in.contiguous(), mu = mu_in.contiguous();
+  const int64_t gr = taps.size(0), nf = ph.size(0), nk = ids.size(0);
+  const int nq = static_cast<int>(taps.size(1));
+  const int co = static_cast<int>(taps.size(2)), ci = static_cast<int>(taps.size(3));
+  const int n = left ? co : ci, m = left ? ci : co;
+  const int64_t* idp = ids.data_ptr<int64_t>();
+  for (int64_t k = 0; k < nk; ++k)
+    TORCH_CHECK(idp[k] >= 0 && idp[k] < gr * nf, "certify_taps: ids out of range");
+  auto info = at::zeros({nk}, taps.options().dtype(at::kInt));
+  auto pl = at::zeros({nk}, taps.options().dtype(at::kDouble));
+  auto pb = at::zeros({nk}, taps.options().dtype(at::kDouble));
+  const float* tp = taps.data_ptr<float>();
+  const float* php = ph.data_ptr<float>();
+  const float* mup = mu.data_ptr<float>();
+  int* infop = info.data_ptr<int>();
+  double* plp = pl.data_ptr<double>();
+  double* pbp = pb.data_ptr<double>();
+  at::parallel_for(0, nk, 1, [&](int64_t b0, int64_t b1) {
+    const int64_t e_len = static_cast<int64_t>(co) * ci;
+    std::vector<cf> s, bbuf(static_cast<size_t>(n) * m);
+    std::vector<float> absm, re(e_len), im(e_len);
+    for (int64_t k = b0; k < b1; ++k) {
+      const int64_t g = idp[k] / nf, f = idp[k] % nf;
+      const float* tg = tp + g * nq * e_len;
+      const float* pf = php + f * nq * 2;
+      std::fill(re.begin(), re.end(), 0.f);
+      std::fill(im.begin(), im.end(), 0.f);
+      for (int q = 0; q < nq; ++q) {  // tap-major: contiguous, vectorized
+        const float* t = tg + q * e_len;
+        const float c = pf[2 * q], sn = pf[2 * q + 1];
+        for (int64_t e = 0; e < e_len; ++e) {
+          re[e] += t[e] * c;
+          im[e] += t[e] * sn;
         }
-        absm.resize(static_cast<size_t>(n) * m);
-        for (int64_t k = 0; k < static_cast<int64_t>(n) * m; ++k) absm[k] = modulus(bf[k]);
-        pbp[f] = perron_upper(absm.data(), m, n, false);
       }
-      for (int j = 0; j < n; ++j) s[j + static_cast<int64_t>(j) * n] += cf(muf, 0.f);
-      int inf = 0;
-      lp.potrf("L", &n, s.data(), &n, &inf);
-      infop[f] = inf;
-      if (inf == 0) {
-        absm.resize(static_cast<size_t>(n) * n);
-        for (int j = 0; j < n; ++j)
-          for (int i = j; i < n; ++i) {
-            const int64_t k = i + static_cast<int64_t>(j) * n;
-            absm[k] = modulus(s[k]);
+      if (left) {
+        for (int64_t e = 0; e < e_len; ++e) bbuf[e] = cf(re[e], im[e]);  // B = A
+      } else {
+        for (int o = 0; o < co; ++o)  // B = A^H: row c holds conj(A[:, c])
+          for (int c = 0; c < ci; ++c) {
+            const int64_t e = static_cast<int64_t>(o) * ci + c;
+            bbuf[static_cast<int64_t>(c) * co + o] = cf(re[e], -im[e]);
           }
-        plp[f] = perron_upper(absm.data(), n, n, true);
       }
+      infop[k] = certify_one(lp, bbuf.data(), n, m, false, mup[k], s, absm, plp + k, pbp + k);
     }
   });
   return {info, pl, pb};
@@ -189,8 +270,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> certify_frequencies_cpu(
 
 TORCH_LIBRARY_FRAGMENT(lipkern, m) {
   m.def("certify_frequencies(Tensor side, Tensor mu, bool is_gram) -> (Tensor, Tensor, Tensor)");
+  m.def("certify_taps(Tensor taps, Tensor ph, Tensor ids, Tensor mu, bool left) -> "
+        "(Tensor, Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(lipkern, CPU, m) {
   m.impl("certify_frequencies", &lipkern::cpu::certify_frequencies_cpu);
+  m.impl("certify_taps", &lipkern::cpu::certify_taps_cpu);
 }

@@ -117,7 +117,7 @@ def certify_symbol(sym: Symbol, generator=None, backend: str = "auto"):
         gram = gram_spatial(taps, sym.grid, freqs)
     else:
         gram = gram_frequency(taps, freqs, phase_angles(freqs, sym.grid, qh, qw, taps.device),
-                              use_triton=backend == "triton")
+                              use_triton=backend == "triton", use_cpp=use_cpp)
     bound, lam, v = certify(gram, use_cpp, generator)
     lam_bound = float(bound.max())
     best = int(lam.argmax())

@@ -84,7 +84,12 @@ def _step_torch(side: torch.Tensor, is_gram: bool, mu32: torch.Tensor):
     return info, pl, pb
 
 
-def _step(side: torch.Tensor, is_gram: bool, mu32: torch.Tensor, use_cpp: bool):
+def _step(side: torch.Tensor, is_gram: bool, mu32: torch.Tensor, use_cpp: bool,
+          gram: Gram = None, ids: torch.Tensor = None):
+    if gram is not None and gram.side is None:  # the C++ step forms A_f itself
+        info, pl, pb = torch.ops.lipkern.certify_taps(gram.taps32, gram.ph, ids, mu32,
+                                                       gram.left)
+        return info, pl * (1 + 8 * U32), pb * (1 + 8 * U32)
     if use_cpp:
         info, pl, pb = torch.ops.lipkern.certify_frequencies(side, mu32, is_gram)
         # the kernel bounds the Perron roots of the float32 moduli: (1 + 8 u) covers them
@@ -97,29 +102,29 @@ def certify(gram: Gram, use_cpp: bool, generator=None) -> Tuple[torch.Tensor, ..
     including ``gram``'s error terms), (B,) float64; also the estimates (B,) and the top
     vectors (B, n, 1) complex64."""
     side, is_gram = gram.side, gram.is_gram
-    bsz, n = side.shape[0], side.shape[1]
-    m = side.shape[2]
-    if is_gram:
-        trace = side.diagonal(dim1=-2, dim2=-1).real.sum(-1)
-    else:
-        trace = torch.view_as_real(side).square().sum(dim=(1, 2, 3))
-    top = trace.topk(min(ESTIMATE_TOP, bsz)).indices
-    v = torch.randn(bsz, n, 1, dtype=side.dtype, device=side.device, generator=generator)
-    lam = torch.zeros(bsz, dtype=torch.float64, device=side.device)
-    lt, vt = power(side[top], is_gram, v[top], ESTIMATE_ITERS)
+    bsz = gram.count
+    top = gram.traces().topk(min(ESTIMATE_TOP, bsz)).indices
+    side_top = gram.rows(top)
+    n, m = side_top.shape[1], side_top.shape[2]
+    dev = side_top.device
+    v = torch.randn(bsz, n, 1, dtype=side_top.dtype, device=dev, generator=generator)
+    lam = torch.zeros(bsz, dtype=torch.float64, device=dev)
+    lt, vt = power(side_top, is_gram, v[top], ESTIMATE_ITERS)
     lam[top], v[top] = lt, vt
     # one mu per layer (the largest estimate): every frequency must pass it anyway
     mu = lam.max().expand(bsz) * (1 + CERT_MARGIN)
-    bound = torch.full((bsz,), math.inf, dtype=torch.float64, device=side.device)
-    todo = torch.ones(bsz, dtype=torch.bool, device=side.device)
+    bound = torch.full((bsz,), math.inf, dtype=torch.float64, device=dev)
+    todo = torch.ones(bsz, dtype=torch.bool, device=dev)
     c_n, c_m = inner_constant(n), inner_constant(m)
     margin = CERT_MARGIN  # growth of a failed trial without a higher estimate: x4 per round
     for rnd in range(ROUNDS):
         ids = todo.nonzero().flatten()
         if ids.numel() == 0:
             break
-        sub = side if ids.numel() == bsz else side[ids]
+        sub = None if side is None else (side if ids.numel() == bsz else side[ids])
         if rnd > 0:  # failed before: the estimate was low; iterate those further
+            if sub is None:
+                sub = gram.rows(ids)
             l2, v2 = power(sub, is_gram, v[ids], RETRY_ITERS)
             v[ids] = v2
             lam[ids] = torch.maximum(lam[ids], l2)
@@ -128,7 +133,7 @@ def certify(gram: Gram, use_cpp: bool, generator=None) -> Tuple[torch.Tensor, ..
             fresh = lam[ids] * (1 + CERT_MARGIN)
             mu[ids] = torch.where(fresh > mu[ids], fresh, mu[ids] * (1 + margin))
         trial32 = mu[ids].to(torch.float32)  # the value the factorization sees
-        info, pl, pb = _step(sub, is_gram, trial32, use_cpp)
+        info, pl, pb = _step(sub, is_gram, trial32, use_cpp, gram, ids)
         ok = info == 0
         if bool(ok.any()):
             good = ids[ok]
@@ -140,7 +145,7 @@ def certify(gram: Gram, use_cpp: bool, generator=None) -> Tuple[torch.Tensor, ..
         margin *= 4
     ids = todo.nonzero().flatten()
     if ids.numel():  # the last resort, ||H||_F >= lambda_max (summed in float64), + H's error
-        sub = side[ids]
+        sub = gram.rows(ids)
         hf = torch.linalg.matrix_norm(_gram_of(sub, is_gram).to(torch.complex128))
         err = gram.lam_err[ids] if is_gram else c_m * perron_bound(sub.abs()) + TINY
         bound[ids] = (hf + err) * (1 + 1e-10)

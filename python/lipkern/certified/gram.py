@@ -43,11 +43,47 @@ class Gram(NamedTuple):
     Perron root of |B_f|, that step bounds); lam_err: (G * F,) float64 bound on the error of
     a given H_f (None for B_f); sigma_err: float, bound on ``||A_f - fl(A_f)||_2``; left:
     H = A A^H (True) or A^H A."""
-    side: torch.Tensor
+    side: Optional[torch.Tensor]
     is_gram: bool
     lam_err: Optional[torch.Tensor]
     sigma_err: float
     left: bool
+    taps32: Optional[torch.Tensor] = None  # (G, Q, co, ci) float32: B_f formed on demand
+    ph: Optional[torch.Tensor] = None  # (F, Q, 2) float32 (cos, sin) of the angles
+
+    @property
+    def count(self) -> int:
+        """G * F, the number of matrices."""
+        return self.side.shape[0] if self.side is not None else \
+            self.taps32.shape[0] * self.ph.shape[0]
+
+    def rows(self, ids: torch.Tensor) -> torch.Tensor:
+        """The side matrices of the flat indices ids (g * F + f): (K, n, m) complex64."""
+        if self.side is not None:
+            return self.side[ids]
+        nf = self.ph.shape[0]
+        out = torch.empty(ids.numel(), *self.taps32.shape[2:], 2, dtype=torch.float32,
+                          device=self.ph.device)
+        grp = ids // nf
+        for g in grp.unique().tolist():  # one real GEMM per group (no gathered taps copy)
+            sel = (grp == g).nonzero().flatten()
+            ph = self.ph[ids[sel] % nf]  # (K_g, Q, 2)
+            t = self.taps32[g].flatten(1, 2)  # (Q, E)
+            ri = (ph.transpose(1, 2).reshape(-1, t.shape[0]) @ t)  # (K_g * 2, E)
+            out[sel] = ri.view(sel.numel(), 2, *self.taps32.shape[2:]).movedim(1, -1)
+        a = torch.view_as_complex(out)
+        return (a if self.left else a.mH).contiguous()
+
+    def traces(self) -> torch.Tensor:
+        """(G * F,) float64: tr H_f = ||A_f||_F^2 (an estimate's ranking, not a bound)."""
+        if self.side is not None:
+            if self.is_gram:
+                return self.side.diagonal(dim1=-2, dim2=-1).real.sum(-1).double()
+            return torch.view_as_real(self.side).square().sum(dim=(1, 2, 3)).double()
+        t = self.taps32.flatten(2, 3)  # (G, Q, E)
+        k = (t @ t.transpose(1, 2)).double()  # (G, Q, Q): <T_q, T_q'> (a ranking: float32)
+        z = torch.view_as_complex(self.ph.double().contiguous())  # (F, Q)
+        return torch.einsum("fq,gqr,fr->gf", z, k.to(z.dtype), z.conj()).real.reshape(-1)
 
 
 def inner_constant(m: int, u: float = U32) -> float:
@@ -84,13 +120,23 @@ def choose_path(q: int, n_freq: int, m: int, n_off: int, lower_only: bool) -> st
 
 
 def gram_frequency(taps: torch.Tensor, freqs: List[Tuple[int, int]],
-                   angles: torch.Tensor, use_triton: bool = False) -> Gram:
+                   angles: torch.Tensor, use_triton: bool = False,
+                   use_cpp: bool = False) -> Gram:
     """Gram matrices by the frequency path. taps (G, co, ci, Qh, Qw) float64 (scaled),
     angles (F, Q) float64 (``symbol.phase_angles``). use_triton: A_f by the Triton kernel
-    (triton_kernels/certified.py), else by one ATen GEMM with the phase table."""
+    (triton_kernels/certified.py), else by one ATen GEMM with the phase table. use_cpp:
+    none formed here (the C++ step forms each in its buffer; ``Gram.rows`` on demand)."""
     gr, co, ci, qh, qw = taps.shape
     nf, nq = angles.shape
     t32 = taps.to(torch.float32).reshape(gr, co * ci, nq)
+    left = co <= ci
+    tabs = taps.abs().sum(dim=(3, 4))  # sum_q |T_q|, (G, co, ci)
+    sigma_err = math.sqrt(2) * (nq + 3) * U32 * 1.01 * float(
+        torch.linalg.vector_norm(tabs)) + TINY
+    if use_cpp:  # the C++ step forms each A_f in its own buffer (certify_taps)
+        ph = torch.stack([torch.cos(angles), torch.sin(angles)], -1).to(torch.float32)
+        return Gram(None, False, None, sigma_err, left,
+                    t32.transpose(1, 2).reshape(gr, nq, co, ci).contiguous(), ph.contiguous())
     if use_triton:
         from ..triton_kernels.certified import phase_sum
         a = phase_sum(t32.reshape(gr, co, ci, nq).contiguous(), angles)  # (G, F, co, ci)
@@ -99,12 +145,8 @@ def gram_frequency(taps: torch.Tensor, freqs: List[Tuple[int, int]],
         ph = torch.stack([torch.cos(angles), torch.sin(angles)], 1).reshape(2 * nf, nq)
         a = t32 @ ph.to(torch.float32).T  # (G, co * ci, 2F)
         a = torch.view_as_complex(a.view(gr, co, ci, nf, 2)).permute(0, 3, 1, 2)
-    left = co <= ci
     b = a if left else a.mH
     b = b.reshape(gr * nf, *b.shape[2:]).contiguous()
-    tabs = taps.abs().sum(dim=(3, 4))  # sum_q |T_q|, (G, co, ci)
-    sigma_err = math.sqrt(2) * (nq + 3) * U32 * 1.01 * float(
-        torch.linalg.vector_norm(tabs)) + TINY
     return Gram(b, False, None, sigma_err, left)
 
 
