@@ -6,6 +6,7 @@
 #
 #   bash bench/gpu_session.sh [stage ...]     stages: env build test sanitize bench sn
 #                                             (default: all, in that order)
+#   bash bench/gpu_session.sh env build i17   issue 17: certified_sigma on CUDA, both backends
 #   bash bench/gpu_session.sh env build i14   issue 14's done criteria in one call (< 8 min
 #                                             on an H100/H200 with the build): grouped and
 #                                             graph tests, toy/mlp tables with lipkern_grouped
@@ -86,6 +87,10 @@ print(\"torch\", torch.__version__, \"cuda\", torch.version.cuda, \"triton\", tr
       stage i14_sn_graph 120 $PY bench/bench_spectral_norm.py --workload mlp --no-deel \
         --reps 30 --warmup 5 --graph --out "$OUT/spectral_norm.jsonl"
       stage i14_host 60 $PY bench/bench_host_time.py --device cuda --reps 100 ;;
+    i17)
+      # issue 17: certified_sigma on CUDA (backends torch and triton) against the exact
+      # circular norms, and its time against 50 power iterations (bench/gpu_certified_check.py)
+      stage i17_check 240 $PY bench/gpu_certified_check.py --out "$OUT" ;;
     v2)
       # issue 13: Triton v2 (opt-in). AOT compile with register/spill/PTX checks, the step-mode
       # tests, then the device checks and kernel times (bench/gpu_v2_check.py: persistent

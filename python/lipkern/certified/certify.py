@@ -107,7 +107,8 @@ def certify(gram: Gram, use_cpp: bool, generator=None) -> Tuple[torch.Tensor, ..
     side_top = gram.rows(top)
     n, m = side_top.shape[1], side_top.shape[2]
     dev = side_top.device
-    v = torch.randn(bsz, n, 1, dtype=side_top.dtype, device=dev, generator=generator)
+    gdev = generator.device if generator is not None else dev  # a CPU generator may seed CUDA
+    v = torch.randn(bsz, n, 1, dtype=side_top.dtype, device=gdev, generator=generator).to(dev)
     lam = torch.zeros(bsz, dtype=torch.float64, device=dev)
     lt, vt = power(side_top, is_gram, v[top], ESTIMATE_ITERS)
     lam[top], v[top] = lt, vt
