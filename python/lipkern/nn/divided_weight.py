@@ -53,19 +53,21 @@ class SigmaFromVectors(torch.autograd.Function):
 
 
 def sigma_fast(geom, w: torch.Tensor, sigma: torch.Tensor, u: torch.Tensor, x: torch.Tensor,
-               matrix: bool, dim: int) -> torch.Tensor:
+               matrix: bool, dim: int, unit=None) -> torch.Tensor:
     """:func:`sigma_of`'s value and gradients from the fused call's sigma and vectors: ``w``
     the layer's own weight (``dim``: torch's output dimension, moved first for the
-    operator's layout)."""
+    operator's layout). ``unit``: None, or a callable giving dsigma/dW (flat, the op's
+    layout) already computed for this layer (FusedSigmas.unit: one C++ call for every
+    operator layer of the forward)."""
     from ..reference import weight_grad
 
     def grad_fn():
         cd = compute_dtype(w.dtype)
-        uu, xx = u.detach().to(cd), x.detach().to(cd)
-        if matrix:
-            d = torch.outer(uu, xx)
+        if unit is not None:
+            d = unit()
         else:
-            d = weight_grad(geom, xx, uu)
+            uu, xx = u.detach().to(cd), x.detach().to(cd)
+            d = torch.outer(uu, xx) if matrix else weight_grad(geom, xx, uu)
         shape = w.shape if dim == 0 else w.movedim(dim, 0).shape
         d = d.view(shape)
         return (d if dim == 0 else d.movedim(0, dim)).to(w.dtype)
