@@ -131,7 +131,7 @@ def test_float64_matches_reference(backend):
 
 
 # Convs whose column matrix exceeds the C++ kernel's slice (kColBytes, 512 KiB, in
-# csrc/cpu/power_iter.cpp): float64 3x3 at 24x24 is 41 KiB per input channel, so 20 channels
+# csrc/cpu/power_iter.cpp; kGradColBytes for the weight gradient): float64 3x3 at 24x24 is 41 KiB per input channel, so 20 channels
 # run as slices of 12 + 8 (an uneven last slice) on the flat-shift path, the strided path,
 # groups, circular padding and a transposed conv.
 SLICED = [
@@ -140,6 +140,9 @@ SLICED = [
     ((6, 17, 3, 3), ConvSpec(48, stride=2, padding=1, groups=2)),   # cin 34, cig 17
     ((5, 20, 3, 3), ConvSpec(24, padding=1, padding_mode="circular")),
     ((6, 20, 3, 3), ConvSpec(24, padding=1, transposed=True)),     # C: 20 input channels
+    # the weight gradient slices only past kGradColBytes (16 MiB): 128 x 9 x 48^2 doubles
+    # are 21 MiB, slices of 98 + 30 channels
+    ((2, 128, 3, 3), ConvSpec(48, padding=1)),
 ]
 
 

@@ -108,7 +108,7 @@ class FusedSigmas:
         self.sigma_list = sigmas.detach().unbind(0)
         self.u_list = state.u.split([g.y_numel for g in lay.geoms])
         self.x_list = state.x.split([g.x_numel for g in lay.geoms])
-        self.group = group
+        self.group, self.state = group, state
         self.packed = packed_ok(group, state.x)
         self._units: Optional[dict] = None
 
@@ -120,7 +120,8 @@ class FusedSigmas:
 
     def units(self) -> dict:
         if self._units is None:
-            self._units = operator_unit_grads(self.group, self.x_list, self.u_list)
+            self._units = operator_unit_grads(self.group, self.state, self.x_list,
+                                              self.u_list)
         return self._units
 
 
@@ -135,16 +136,20 @@ def packed_ok(group, x: torch.Tensor) -> bool:
             and load_ext() is not None)
 
 
-def operator_unit_grads(group, x_list, u_list) -> dict:
+def operator_unit_grads(group, state, x_list, u_list) -> dict:
     """{layer: dsigma/dW (flat, compute dtype)} of every conv-operator layer: the C++
     backward (``power_iter_ext_backward``, all layers in one call, threads across layers)
     with unit coefficients on the operator layers' vectors. Measured (1 thread, this CPU):
     ResDiscriminator32's 10 convs 5.2 ms against 5.8 ms for ten conv2d_weight calls,
     WRN-16-4's 16 convs 11.5 against 14.8, the SNGAN critic's 7 convs 2.9 against 5.9
     (bench/NOTES.md, issue 16)."""
-    idx, meta, sizes = group.operator_layout()
-    x = torch.cat([x_list[i] for i in idx]).detach()
-    u = torch.cat([u_list[i] for i in idx]).detach()
+    idx, meta, sizes, span = group.operator_layout()
+    if span is not None:  # consecutive layers: views of the packed vectors (a cat of
+        # ResDiscriminator32's ~1 MB of vectors per side cost 0.3 ms, measured)
+        x, u = state.x[span[0]].detach(), state.u[span[1]].detach()
+    else:
+        x = torch.cat([x_list[i] for i in idx]).detach()
+        u = torch.cat([u_list[i] for i in idx]).detach()
     ones = x.new_ones(len(idx))
     with torch.no_grad():
         packed = torch.ops.lipkern.power_iter_ext_backward(x, u, ones, ones, None, None, meta,
