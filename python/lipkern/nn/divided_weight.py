@@ -34,12 +34,12 @@ def sigma_of(geom, w: torch.Tensor, u: torch.Tensor, x: torch.Tensor,
 
 class SigmaFromVectors(torch.autograd.Function):
     """``sigma = u^T A(W) x`` without recomputing it: the forward returns the fused call's
-    value, the backward ``g * dsigma/dW`` with ``dsigma/dW = grad_fn()`` (``u x^T`` for a
+    value, the backward ``g * dsigma/dW = grad_fn(g)`` (``dsigma/dW``: ``u x^T`` for a
     matrix, the conv weight gradient of (x, u) for an operator) -- constant in W, since u and
     x are, so this backward is exact at every order (its own derivative in W is zero, in g
-    the constant). Saves the forward's weight pass (matrix) or one-sample conv (operator) of
-    :func:`sigma_of`. Inputs: w (any shape, for its gradient), sigma 0-d, grad_fn () -> a
-    tensor shaped like w."""
+    the constant; ``grad_fn`` is linear in g and differentiable in it). Saves the forward's
+    weight pass (matrix) or one-sample conv (operator) of :func:`sigma_of`. Inputs: w (any
+    shape, for its gradient), sigma 0-d, grad_fn (g 0-d) -> a tensor shaped like w."""
 
     @staticmethod
     def forward(ctx, w, sigma, grad_fn):
@@ -48,8 +48,7 @@ class SigmaFromVectors(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, g):
-        d = ctx.grad_fn()
-        return (g.to(d.dtype) * d).to(d.dtype), None, None
+        return ctx.grad_fn(g), None, None
 
 
 def sigma_fast(geom, w: torch.Tensor, sigma: torch.Tensor, u: torch.Tensor, x: torch.Tensor,
@@ -61,13 +60,15 @@ def sigma_fast(geom, w: torch.Tensor, sigma: torch.Tensor, u: torch.Tensor, x: t
     operator layer of the forward)."""
     from ..reference import weight_grad
 
-    def grad_fn():
+    def grad_fn(g):
         cd = compute_dtype(w.dtype)
+        g = g.to(cd)
         if unit is not None:
-            d = unit()
+            d = unit() * g
         else:
             uu, xx = u.detach().to(cd), x.detach().to(cd)
-            d = torch.outer(uu, xx) if matrix else weight_grad(geom, xx, uu)
+            # matrix: g u x^T as one weight-sized write (outer, then a scaling pass, was two)
+            d = torch.outer(uu * g, xx) if matrix else weight_grad(geom, xx, uu) * g
         shape = w.shape if dim == 0 else w.movedim(dim, 0).shape
         d = d.view(shape)
         return (d if dim == 0 else d.movedim(0, dim)).to(w.dtype)
