@@ -203,6 +203,39 @@ def test_operator_mode_matches_per_layer_operator_mode(loss_fn, strategy, coeff,
             {True, False}
 
 
+@pytest.mark.parametrize("kind", ["matrix", "operator", "operator_unit"])
+def test_divided_by_sigma_equals_the_composite_at_two_orders(kind):
+    """DividedBySigma (the divided layers' W / sigma with a leaner first-order backward)
+    against the composite divided(W, SigmaFromVectors) it replaces: float64, first-order
+    gradient and the second-order terms (d/dW and d/dg of <grad, h>), to 1e-12."""
+    from lipkern.nn.divided_weight import divided, divided_fast, sigma_fast
+    from lipkern.layout import layout_for
+    from lipkern.reference import weight_grad
+    g = torch.Generator().manual_seed(4)
+    w0 = torch.randn(5, 3, 3, 3, generator=g, dtype=torch.float64)
+    spec = None if kind == "matrix" else lipkern.ConvSpec(6, padding=1)
+    geom = layout_for(((5, 3, 3, 3),), (spec,)).geoms[0]
+    u = torch.randn(geom.y_numel, generator=g, dtype=torch.float64)
+    x = torch.randn(geom.x_numel, generator=g, dtype=torch.float64)
+    sigma = torch.tensor(1.7, dtype=torch.float64)
+    matrix = spec is None
+    unit = (lambda: weight_grad(geom, x, u)) if kind == "operator_unit" else None
+    gy = torch.randn(w0.shape, generator=g, dtype=torch.float64)
+    h = torch.randn(w0.shape, generator=g, dtype=torch.float64)
+    out = []
+    for fast in (True, False):
+        w = w0.clone().requires_grad_()
+        gyl = gy.clone().requires_grad_()
+        y = divided_fast(geom, w, sigma, u, x, matrix, unit) if fast else \
+            divided(w, sigma_fast(geom, w, sigma, u, x, matrix, 0, unit))
+        first, = torch.autograd.grad(y, w, gy, retain_graph=True)  # first order
+        gw, = torch.autograd.grad(y, w, gyl, create_graph=True)
+        second = torch.autograd.grad((gw * h).sum(), (w, gyl))
+        out.append((y.detach(), first, gw.detach(), *second))
+    for a, b in zip(*out):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-14)
+
+
 # ---------------------------------------------------------------- torch.compile
 def _count_compiles(model, x, calls=4):
     """(graphs compiled by dynamo, recompilations) over ``calls`` training steps."""

@@ -29,7 +29,8 @@ from ..backends import load_ext, resolve_backend
 from ..layout import PowerIterState
 from ..ops import sn_linear as _sn_linear  # noqa: F401  (registers lipkern::sn_linear's fakes)
 from ..power_iter import fused_normalize
-from .divided_weight import ScaledLayerExact, divided, scale_of, sigma_fast, sigma_of
+from .divided_weight import (ScaledLayerExact, divided, divided_fast, scale_of, sigma_fast,
+                             sigma_of)
 from .parametrization import _TRANSPOSED, _in_vmap
 from .scaled_layer import ScaledLayer, dense_rank1, operator_rank1
 
@@ -339,6 +340,13 @@ class Mixed(ScaledOutputs):
     def weight(self, group, i, w):
         cur = self.cur
         with torch.autocast(w.device.type, enabled=False):
+            if group.coeff is None and group.dims[i] == 0 and \
+                    w.dtype in (torch.float32, torch.float64) and \
+                    not torch.compiler.is_compiling():
+                # the same function, a first-order backward with fewer weight passes
+                return divided_fast(group.layout.geoms[i], w, cur.sigma_list[i],
+                                    cur.u_list[i], cur.x_list[i], group.specs[i] is None,
+                                    cur.unit(i))
             # the fused call's sigma, with the gradient of u^T A(W) x (nothing recomputed)
             sigma = sigma_fast(group.layout.geoms[i], w, cur.sigma_list[i], cur.u_list[i],
                                cur.x_list[i], group.specs[i] is None, group.dims[i],
