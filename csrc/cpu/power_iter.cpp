@@ -239,9 +239,10 @@ const T* padded_input(const Geom& g0, const T* src, Scratch<T>& s) {
 
 // The column matrix of a group is built and consumed in slices of input channels whose
 // rows fit in L2 with room for the GEMM's own packing: the whole (red x P) matrix of a
-// 128-channel 3x3 conv at 32x32 is 4.7 MB, and built whole (im2col, then the GEMM reading it
-// back from L3; col2im likewise) one power iteration of that layer took 9.4 ms against
-// 2.3 + 1.9 ms for its two GEMMs on cache-resident operands (1 thread, this CPU: 2 MB L2).
+// 128-channel 3x3 conv at 32x32 is 4.7 MB (this CPU: 2 MB L2); built whole (im2col, then the
+// GEMM reading it back from L3; col2im likewise) one power iteration of that layer took
+// 5.5 ms, in slices 4.6-5.0 ms, against 2.3 + 1.9 ms for its two GEMMs on cache-resident
+// operands (1 thread, shared machine; 256 KiB-2 MiB slices measured the same within noise).
 constexpr int64_t kColBytes = 512 * 1024;
 // The weight gradient's GEMM (out x col^T) streams col once: slices there only cut its N
 // into pieces of ~126 (ResDiscriminator32's 32x32 conv: 2.7 ms sliced, 2.4 ms whole, 1
