@@ -132,7 +132,9 @@ def make_step(kind, model, x, y):
     return step
 
 
-def measure(name, kind, reps, warmup, batch=None, compiled=False, clock="wall"):
+def measure(name, kind, reps, warmup, batch=None, compiled=False, clock="wall", only=None):
+    """One (model, step) row; ``only``: provider names to time (plain always runs: the
+    overheads are paired against it)."""
     build, default_batch, _ = CONVNETS[name]
     batch = batch or default_batch
     torch.manual_seed(0)
@@ -141,6 +143,8 @@ def measure(name, kind, reps, warmup, batch=None, compiled=False, clock="wall"):
     y = torch.randint(0, 10, (batch,))
     steps, errors = {}, {}
     for pname, make in providers(base, x, compiled and kind != "gp_step").items():
+        if only is not None and pname != "plain" and pname not in only:
+            continue
         try:
             torch.manual_seed(1)
             f = make_step(kind, make(), x, y)

@@ -262,6 +262,9 @@ def main(argv=None):
                          "what to use on a shared machine)")
     ap.add_argument("--compile", action="store_true",
                     help="convnets: also time plain and lipkern under torch.compile (inductor)")
+    ap.add_argument("--providers", default=None,
+                    help="convnets: comma-separated providers to time besides plain (e.g. "
+                         "torch_sn,lipkern,lk_op: a shorter run; the verdict needs those three)")
     ap.add_argument("--no-json", action="store_true")
     ap.add_argument("--out", default=RESULTS)
     ap.add_argument("--graph", action="store_true",
@@ -310,7 +313,8 @@ def main_convnets(args):
         strategy = bench_convnets.resolved(w)
         for kind in bench_convnets.CONVNETS[w][2]:
             row = bench_convnets.measure(w, kind, args.reps, args.warmup, args.batch,
-                                         args.compile, args.clock)
+                                         args.compile, args.clock,
+                                         args.providers.split(",") if args.providers else None)
             bench_convnets.print_row(row, strategy)
             summary.append((w, kind, bench_convnets.verdict(row)[2]))
             if not args.no_json:

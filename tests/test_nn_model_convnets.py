@@ -150,6 +150,95 @@ def test_resnet_critic_and_wide_resnet_match_torch():
     _assert_same_steps(_steps(_ours(wrn), clf, steps=1), _steps(_torch_model(wrn), clf, steps=1))
 
 
+# ---------------------------------------------------------------- operator mode
+def _per_layer_operator(base, x, **kw):
+    """lipkern.nn.spectral_norm(mode="operator") on every conv (each its own fused call and
+    autograd), Linear layers in matrix mode: the reference for spectral_norm_model's
+    operator mode (the same draws: torch.manual_seed(1), layers in model order)."""
+    m = copy.deepcopy(base)
+    sizes = {}
+    def hook(mod, args):
+        sizes.setdefault(mod, tuple(args[0].shape[-2:]))
+    hooks = [layer.register_forward_pre_hook(hook) for layer in m.modules()
+             if isinstance(layer, nn.Conv2d)]
+    with torch.no_grad():
+        m.eval()(x)
+    m.train()
+    for h in hooks:
+        h.remove()
+    torch.manual_seed(1)
+    for layer in m.modules():
+        if isinstance(layer, nn.Conv2d):
+            lipkern.nn.spectral_norm(layer, mode="operator", input_size=sizes[layer], **kw)
+        elif isinstance(layer, nn.Linear):
+            lipkern.nn.spectral_norm(layer, **kw)
+    return m
+
+
+@pytest.mark.parametrize("coeff", [None, 0.7])
+@pytest.mark.parametrize("strategy", ["mixed", "scaled_outputs"])
+@pytest.mark.parametrize("loss_fn", [_d_loss, _gp_loss], ids=["d_step", "gp_step"])
+def test_operator_mode_matches_per_layer_operator_mode(loss_fn, strategy, coeff, monkeypatch):
+    """spectral_norm_model(mode="operator"): values and gradients (two forwards before one
+    backward; a gradient penalty's double backward) equal per-layer operator spectral_norm,
+    with the conv layers' dsigma/dW taken from one C++ backward call per forward
+    (strategies.operator_unit_grads, counted here) where the extension is built, both on
+    divided and on scaled layers, with and without coeff."""
+    from lipkern.nn import strategies
+    calls = []
+
+    def counted(*a):
+        calls.append(1)
+        return unit_grads(*a)
+    unit_grads = strategies.operator_unit_grads
+    monkeypatch.setattr(strategies, "operator_unit_grads", counted)
+    base = _critic()
+    x = torch.randn(1, 3, 32, 32)
+    ours = _ours(base, example_input=x, mode="operator", strategy=strategy, coeff=coeff)
+    want = _per_layer_operator(base, x, coeff=coeff)
+    _assert_same_steps(_steps(ours, loss_fn), _steps(want, loss_fn))
+    for k, v in _vectors(want).items():
+        torch.testing.assert_close(_vectors(ours)[k], v, rtol=1e-4, atol=1e-6)
+    if lipkern.backends.load_ext() is not None:
+        assert calls  # the shared call ran (one per forward whose sigma gradients were used)
+    if strategy == "mixed" and loss_fn is _d_loss:
+        assert set(ours._lipkern_spectral_norm.strategies["mixed"].choice.values()) == \
+            {True, False}
+
+
+@pytest.mark.parametrize("kind", ["matrix", "operator", "operator_unit"])
+def test_divided_by_sigma_equals_the_composite_at_two_orders(kind):
+    """DividedBySigma (the divided layers' W / sigma with a leaner first-order backward)
+    against the composite divided(W, SigmaFromVectors) it replaces: float64, first-order
+    gradient and the second-order terms (d/dW and d/dg of <grad, h>), to 1e-12."""
+    from lipkern.nn.divided_weight import divided, divided_fast, sigma_fast
+    from lipkern.layout import layout_for
+    from lipkern.reference import weight_grad
+    g = torch.Generator().manual_seed(4)
+    w0 = torch.randn(5, 3, 3, 3, generator=g, dtype=torch.float64)
+    spec = None if kind == "matrix" else lipkern.ConvSpec(6, padding=1)
+    geom = layout_for(((5, 3, 3, 3),), (spec,)).geoms[0]
+    u = torch.randn(geom.y_numel, generator=g, dtype=torch.float64)
+    x = torch.randn(geom.x_numel, generator=g, dtype=torch.float64)
+    sigma = torch.tensor(1.7, dtype=torch.float64)
+    matrix = spec is None
+    unit = (lambda: weight_grad(geom, x, u)) if kind == "operator_unit" else None
+    gy = torch.randn(w0.shape, generator=g, dtype=torch.float64)
+    h = torch.randn(w0.shape, generator=g, dtype=torch.float64)
+    out = []
+    for fast in (True, False):
+        w = w0.clone().requires_grad_()
+        gyl = gy.clone().requires_grad_()
+        y = divided_fast(geom, w, sigma, u, x, matrix, unit) if fast else \
+            divided(w, sigma_fast(geom, w, sigma, u, x, matrix, 0, unit))
+        first, = torch.autograd.grad(y, w, gy, retain_graph=True)  # first order
+        gw, = torch.autograd.grad(y, w, gyl, create_graph=True)
+        second = torch.autograd.grad((gw * h).sum(), (w, gyl))
+        out.append((y.detach(), first, gw.detach(), *second))
+    for a, b in zip(*out):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-14)
+
+
 # ---------------------------------------------------------------- torch.compile
 def _count_compiles(model, x, calls=4):
     """(graphs compiled by dynamo, recompilations) over ``calls`` training steps."""

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import lipkern
-from lipkern import reference as ref
+from lipkern import ConvSpec, reference as ref
 
 from conftest import DEVICES
 from layers import MIXED, assert_close_rule as _assert_close_rule, leaf, make_weights
@@ -126,6 +126,41 @@ def test_float64_matches_reference(backend):
     assert r.sigmas.dtype == torch.float64
     torch.testing.assert_close(r.sigmas, r64.sigmas, rtol=1e-12, atol=0)
     torch.testing.assert_close(r.lipschitz, r64.lipschitz, rtol=1e-12, atol=0)
+    for g, gw in zip(grads, g64):
+        torch.testing.assert_close(g, gw, rtol=1e-10, atol=1e-12)
+
+
+# Convs whose column matrix exceeds the C++ kernel's slice (kColBytes, 512 KiB, in
+# csrc/cpu/power_iter.cpp; kGradColBytes for the weight gradient): float64 3x3 at 24x24 is 41 KiB per input channel, so 20 channels
+# run as slices of 12 + 8 (an uneven last slice) on the flat-shift path, the strided path,
+# groups, circular padding and a transposed conv.
+SLICED = [
+    ((7, 20, 3, 3), ConvSpec(24, padding=1)),
+    ((6, 17, 3, 3), ConvSpec(48, stride=2, padding=1)),
+    ((6, 17, 3, 3), ConvSpec(48, stride=2, padding=1, groups=2)),   # cin 34, cig 17
+    ((5, 20, 3, 3), ConvSpec(24, padding=1, padding_mode="circular")),
+    ((6, 20, 3, 3), ConvSpec(24, padding=1, transposed=True)),     # C: 20 input channels
+    # the weight gradient slices only past kGradColBytes (16 MiB): 128 x 9 x 48^2 doubles
+    # are 21 MiB, slices of 98 + 30 channels
+    ((2, 128, 3, 3), ConvSpec(48, padding=1)),
+]
+
+
+@pytest.mark.parametrize("variant", ["power", "spectral_norm"])
+def test_convs_larger_than_one_column_slice(variant):
+    """The cpp kernel builds its im2col columns in slices of input channels: the same
+    sigmas, vectors and gradients as the reference (float64, to 1e-10)."""
+    _backend_ok("cpp", "cpu", torch.float64)
+    entries = [((s[0] * (2 if sp.groups == 2 else 1),) + s[1:], sp) for s, sp in SLICED]
+    ws, specs = make_weights(entries, torch.float64, seed=23)
+    c = _coefs(len(ws))
+    gen = lambda: torch.Generator().manual_seed(7)  # noqa: E731
+    r, grads = _run(lipkern.fused_power_iter, ws, specs, c, n_iters=2, backend="cpp",
+                    generator=gen(), variant=variant)
+    r64, g64 = _run(ref.power_iter, ws, specs, c, n_iters=2, generator=gen(), variant=variant)
+    torch.testing.assert_close(r.sigmas, r64.sigmas, rtol=1e-10, atol=0)
+    torch.testing.assert_close(r.state.x, r64.state.x, rtol=1e-8, atol=1e-12)
+    torch.testing.assert_close(r.state.u, r64.state.u, rtol=1e-8, atol=1e-12)
     for g, gw in zip(grads, g64):
         torch.testing.assert_close(g, gw, rtol=1e-10, atol=1e-12)
 

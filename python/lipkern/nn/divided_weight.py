@@ -34,12 +34,12 @@ def sigma_of(geom, w: torch.Tensor, u: torch.Tensor, x: torch.Tensor,
 
 class SigmaFromVectors(torch.autograd.Function):
     """``sigma = u^T A(W) x`` without recomputing it: the forward returns the fused call's
-    value, the backward ``g * dsigma/dW`` with ``dsigma/dW = grad_fn()`` (``u x^T`` for a
+    value, the backward ``g * dsigma/dW = grad_fn(g)`` (``dsigma/dW``: ``u x^T`` for a
     matrix, the conv weight gradient of (x, u) for an operator) -- constant in W, since u and
     x are, so this backward is exact at every order (its own derivative in W is zero, in g
-    the constant). Saves the forward's weight pass (matrix) or one-sample conv (operator) of
-    :func:`sigma_of`. Inputs: w (any shape, for its gradient), sigma 0-d, grad_fn () -> a
-    tensor shaped like w."""
+    the constant; ``grad_fn`` is linear in g and differentiable in it). Saves the forward's
+    weight pass (matrix) or one-sample conv (operator) of :func:`sigma_of`. Inputs: w (any
+    shape, for its gradient), sigma 0-d, grad_fn (g 0-d) -> a tensor shaped like w."""
 
     @staticmethod
     def forward(ctx, w, sigma, grad_fn):
@@ -48,28 +48,84 @@ class SigmaFromVectors(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, g):
-        d = ctx.grad_fn()
-        return (g.to(d.dtype) * d).to(d.dtype), None, None
+        return ctx.grad_fn(g), None, None
 
 
 def sigma_fast(geom, w: torch.Tensor, sigma: torch.Tensor, u: torch.Tensor, x: torch.Tensor,
-               matrix: bool, dim: int) -> torch.Tensor:
+               matrix: bool, dim: int, unit=None) -> torch.Tensor:
     """:func:`sigma_of`'s value and gradients from the fused call's sigma and vectors: ``w``
     the layer's own weight (``dim``: torch's output dimension, moved first for the
-    operator's layout)."""
+    operator's layout). ``unit``: None, or a callable giving dsigma/dW (flat, the op's
+    layout) already computed for this layer (FusedSigmas.unit: one C++ call for every
+    operator layer of the forward)."""
     from ..reference import weight_grad
 
-    def grad_fn():
+    def grad_fn(g):
         cd = compute_dtype(w.dtype)
-        uu, xx = u.detach().to(cd), x.detach().to(cd)
-        if matrix:
-            d = torch.outer(uu, xx)
+        g = g.to(cd)
+        if unit is not None:
+            d = unit() * g
         else:
-            d = weight_grad(geom, xx, uu)
+            uu, xx = u.detach().to(cd), x.detach().to(cd)
+            # matrix: g u x^T as one weight-sized write (outer, then a scaling pass, was two)
+            d = torch.outer(uu * g, xx) if matrix else weight_grad(geom, xx, uu) * g
         shape = w.shape if dim == 0 else w.movedim(dim, 0).shape
         d = d.view(shape)
         return (d if dim == 0 else d.movedim(0, dim)).to(w.dtype)
     return SigmaFromVectors.apply(w, sigma, grad_fn)
+
+
+class DividedBySigma(torch.autograd.Function):
+    """``W / sigma(W)`` where ``sigma(W)`` is :class:`SigmaFromVectors` (the fused call's
+    value, the constant slope ``dsigma/dW``): the same function and gradients as
+    ``divided(w, sigma_fast(...))``, with a first-order backward of about five weight-sized
+    passes, ``g / sigma + c * dsigma/dW`` with ``c = -<g, W> / sigma^2`` (one dot, and the
+    rank-one or shared-unit term added in place), instead of the ~12 of autograd's
+    DivBackward (``-g * W / sigma^2`` summed), the separate dsigma/dW term and their
+    accumulation. Under ``create_graph=True`` the backward differentiates ``composite(W)``
+    (that very expression) with autograd, so every order stays exact. Inputs: w (float32 or
+    float64, torch's ``dim`` 0), sigma 0-d, add_d(base, c) (adds c * dsigma/dW into base,
+    shaped like w, in place, and returns it), composite (W -> W / sigma(W))."""
+
+    @staticmethod
+    def forward(ctx, w, sigma, add_d, composite):
+        s = sigma.detach().to(w.dtype)
+        ctx.save_for_backward(w, s)
+        ctx.add_d, ctx.composite = add_d, composite
+        return w / s
+
+    @staticmethod
+    def backward(ctx, g):
+        w, s = ctx.saved_tensors
+        if torch.is_grad_enabled():  # create_graph=True: the composite, again differentiable
+            with torch.enable_grad():
+                gw, = torch.autograd.grad(ctx.composite(w), w, g, create_graph=True)
+            return gw, None, None, None
+        c = torch.vdot(g.reshape(-1), w.reshape(-1)).div_(s * s).neg_()
+        base = g / s  # keeps g's strides: the in-place term below needs a plain layout
+        return ctx.add_d(base if base.is_contiguous() else base.contiguous(), c), None, None, \
+            None
+
+
+def divided_fast(geom, w: torch.Tensor, sigma: torch.Tensor, u: torch.Tensor,
+                 x: torch.Tensor, matrix: bool, unit=None) -> torch.Tensor:
+    """``divided(w, sigma_fast(geom, w, sigma, u, x, matrix, 0, unit))`` through
+    :class:`DividedBySigma` (weights of torch's ``dim`` 0, float32/float64, no coeff)."""
+    from ..reference import weight_grad
+
+    def add_d(base, c):
+        if matrix:  # + c u x^T, in place (a K=1 GEMM)
+            base.view(base.shape[0], -1).addr_(u.detach().to(base.dtype) * c,
+                                               x.detach().to(base.dtype))
+        else:
+            d = unit() if unit is not None else weight_grad(
+                geom, x.detach().to(base.dtype), u.detach().to(base.dtype))
+            base.view(-1).addcmul_(d.view(-1), c)
+        return base
+
+    def composite(w):
+        return divided(w, sigma_fast(geom, w, sigma, u, x, matrix, 0, unit))
+    return DividedBySigma.apply(w, sigma, add_d, composite)
 
 
 def scale_of(sigma: torch.Tensor, coeff: Optional[float]) -> torch.Tensor:

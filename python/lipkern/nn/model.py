@@ -173,6 +173,25 @@ class SpectralNormGroup:
         """Layer i's weight as the fused op reads it (torch's matrix: ``dim`` first)."""
         return w if self.dims[i] == 0 else w.movedim(self.dims[i], 0)
 
+    def operator_layout(self) -> Tuple[List[int], List[int], List[int], Optional[Tuple]]:
+        """(indices, meta, w_numel per layer, span) of the conv-operator layers alone, for
+        one C++ backward call over them; ``span``: (x slice, u slice) of the packed vectors
+        when those layers are consecutive (their vectors are then one view, no copy), else
+        None. Cached: fixed while the group lives."""
+        op = self.__dict__.get("_operator_layout")
+        if op is None:
+            from ..layout import _build
+            idx = [i for i, s in enumerate(self.specs) if s is not None]
+            geoms = tuple(self.layout.geoms[i] for i in idx)
+            lay = self.layout
+            span = None
+            if idx and idx == list(range(idx[0], idx[-1] + 1)):
+                span = (slice(lay.x_slice(idx[0]).start, lay.x_slice(idx[-1]).stop),
+                        slice(lay.y_slice(idx[0]).start, lay.y_slice(idx[-1]).stop))
+            op = self._operator_layout = (idx, list(_build(geoms).meta),
+                                          [g.w_numel for g in geoms], span)
+        return op
+
     # ------------------------------------------------------------ packed vectors
     def pack(self, us: Sequence[torch.Tensor], vs: Sequence[torch.Tensor]) -> None:
         """Concatenate per-layer vectors into the packed buffers and make each layer's

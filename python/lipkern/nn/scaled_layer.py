@@ -135,11 +135,16 @@ class dense_rank1:
             gw.add_(mat.view(gw.movedim(self.dim, 0).shape).movedim(0, self.dim))
 
 
-def operator_rank1(geom, u: torch.Tensor, v: torch.Tensor):
-    """dsigma/dW for the conv operator: the conv weight gradient of (v, u)."""
+def operator_rank1(geom, u: torch.Tensor, v: torch.Tensor, unit=None):
+    """dsigma/dW for the conv operator: the conv weight gradient of (v, u) -- or ``unit()``
+    where the caller has it already (FusedSigmas.unit: one C++ call for every operator layer
+    of the forward; flat, the op's layout, the same tensor)."""
     from ..reference import weight_grad
 
+    def full(w):
+        return (weight_grad(geom, v, u) if unit is None else unit()).view(w.shape)
+
     def add(g_sigma: torch.Tensor, gw: torch.Tensor) -> None:
-        gw.add_(weight_grad(geom, v, u).view(gw.shape).to(gw.dtype) * g_sigma.to(gw.dtype))
-    add.full = lambda w: weight_grad(geom, v, u).view(w.shape)  # the second-order path
+        gw.add_(full(gw).to(gw.dtype) * g_sigma.to(gw.dtype))
+    add.full = full  # the second-order path
     return add
