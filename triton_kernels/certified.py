@@ -47,7 +47,8 @@ def phase_sum(taps32: torch.Tensor, angles: torch.Tensor) -> torch.Tensor:
     complex64."""
     gr, co, ci, nq = taps32.shape
     nf = angles.shape[0]
-    ph = torch.stack([torch.cos(angles), torch.sin(angles)], -1).to(torch.float32).contiguous()
+    from lipkern.certified.symbol import phase_table
+    ph = phase_table(angles)
     out = torch.empty(gr, nf, co * ci, 2, dtype=torch.float32, device=taps32.device)
     e = gr * co * ci
     phase_sum_kernel[(nf, triton.cdiv(e, BLOCK_E))](taps32, ph, out, e, nf, co * ci, Q=nq,

@@ -30,6 +30,8 @@ from typing import List, NamedTuple, Optional, Tuple
 
 import torch
 
+from .symbol import phase_table
+
 U32 = 2.0 ** -24  # unit roundoff of float32
 U64 = 2.0 ** -53
 TINY = 1e-30  # absolute slack (scaled units, where lambda_max >= max|T|^2 >= 1)
@@ -134,16 +136,16 @@ def gram_frequency(taps: torch.Tensor, freqs: List[Tuple[int, int]],
     sigma_err = math.sqrt(2) * (nq + 3) * U32 * 1.01 * float(
         torch.linalg.vector_norm(tabs)) + TINY
     if use_cpp:  # the C++ step forms each A_f in its own buffer (certify_taps)
-        ph = torch.stack([torch.cos(angles), torch.sin(angles)], -1).to(torch.float32)
         return Gram(None, False, None, sigma_err, left,
-                    t32.transpose(1, 2).reshape(gr, nq, co, ci).contiguous(), ph.contiguous())
+                    t32.transpose(1, 2).reshape(gr, nq, co, ci).contiguous(),
+                    phase_table(angles))
     if use_triton:
         from ..triton_kernels.certified import phase_sum
         a = phase_sum(t32.reshape(gr, co, ci, nq).contiguous(), angles)  # (G, F, co, ci)
     else:
         # interleaved (cos, sin) per frequency: the GEMM's output is complex64 in place
-        ph = torch.stack([torch.cos(angles), torch.sin(angles)], 1).reshape(2 * nf, nq)
-        a = t32 @ ph.to(torch.float32).T  # (G, co * ci, 2F)
+        ph = phase_table(angles).transpose(1, 2).reshape(2 * nf, nq)
+        a = t32 @ ph.T  # (G, co * ci, 2F)
         a = torch.view_as_complex(a.view(gr, co, ci, nf, 2)).permute(0, 3, 1, 2)
     b = a if left else a.mH
     b = b.reshape(gr * nf, *b.shape[2:]).contiguous()
@@ -152,9 +154,9 @@ def gram_frequency(taps: torch.Tensor, freqs: List[Tuple[int, int]],
 
 def _form_error(taps: torch.Tensor, grid: Tuple[int, int]) -> float:
     """A-priori bound on ``||fl(H_f) - H_f||_2`` of the float64 spatial path:
-    ``8 (inner + Q^2 + 4 log2(M) + 8) u sqrt(Mh Mw) (sum_q ||T_q||_F)^2`` (the phase GEMM
-    sums at most Mh Mw... terms; the constant covers the offsets' GEMMs, the phase table's
-    rounding and the complex sums, 8x the textbook constants)."""
+    ``8 (inner + Q^2 + 4 log2(M) + 8) u sqrt(Mh Mw) (sum_q ||T_q||_F)^2`` (kept from an FFT
+    formulation: it covers the offsets' float64 GEMMs with 8x the textbook constants; the
+    float32 phase GEMM has its own term in ``gram_spatial``)."""
     gr, co, ci, qh, qw = taps.shape
     mh, mw = grid
     inner = max(co, ci)
@@ -214,10 +216,10 @@ def gram_spatial(taps: torch.Tensor, grid: Tuple[int, int], freqs: List[Tuple[in
     d = torch.tensor(offsets, dtype=torch.float64, device=taps.device)  # (D, 2)
     ang = -2 * math.pi * (f[:, None, 0] * d[None, :, 0] / mh + f[:, None, 1] * d[None, :, 1] / mw)
     nf, nd = len(freqs), len(offsets)
-    ph = torch.stack([torch.cos(ang), torch.sin(ang)], 1).reshape(2 * nf, nd)  # (2F, D)
+    ph = phase_table(ang).transpose(1, 2).reshape(2 * nf, nd)  # (2F, D)
     gflat = torch.stack(blocks, 1).reshape(gr, nd, n * n)
     gabs = float(torch.linalg.vector_norm(gflat.abs().sum(1), dim=1).max())
-    out = gflat.to(torch.float32).transpose(1, 2) @ ph.to(torch.float32).T  # (G, n^2, 2F)
+    out = gflat.to(torch.float32).transpose(1, 2) @ ph.T  # (G, n^2, 2F)
     h = torch.view_as_complex(out.view(gr, n * n, nf, 2)).permute(0, 2, 1)
     h = h.reshape(gr * nf, n, n).contiguous()
     err = math.sqrt(2) * (nd + 3) * U32 * 1.01 * gabs + _form_error(taps, grid) + TINY

@@ -121,3 +121,9 @@ def phase_angles(freqs: List[Tuple[int, int]], grid: Tuple[int, int], qh: int, q
     qy = torch.arange(qh, dtype=torch.float64, device=device).repeat_interleave(qw)
     qx = torch.arange(qw, dtype=torch.float64, device=device).repeat(qh)
     return -2 * math.pi * (f[:, :1] * qy[None] / mh + f[:, 1:] * qx[None] / mw)
+
+
+def phase_table(angles: torch.Tensor) -> torch.Tensor:
+    """(F, Q) angles -> (F, Q, 2) float32 (cos, sin), contiguous: the phases every path of
+    the frequency matrices reads (rounded once from float64, the u the bounds count)."""
+    return torch.stack([torch.cos(angles), torch.sin(angles)], -1).to(torch.float32).contiguous()
