@@ -20,8 +20,8 @@ layer's input and a selection of outputs:
   still embeds the layer: the padding may wrap onto padding). Padding, phase split and crop
   have norm <= 1, so ``sigma <= ||circ||``. Phases no tap reaches are dropped (a 1x1
   stride-2 conv is its matrix). The bound is the one Sedghi et al. (2019) and Delattre et
-  al. (2024) use for zero padding; stride handled by polyphase keeps it tight (bounding by the stride-1 conv is valid
-  but loose by up to ``s``);
+  al. (2024) use for zero padding; stride handled by polyphase keeps it tight (bounding by
+  the stride-1 conv is valid but loose by up to ``s``);
 * conv, circular padding: the layer evaluates the circular correlation on the input's own
   ``n``-grid at positions ``(s o - p) mod n``; when ``s`` divides ``n`` they fall in one
   phase class (polyphase on ``n / s`` points, exact for the usual "same" settings), else the
