@@ -27,6 +27,10 @@
 #include <dlfcn.h>
 
 #include <algorithm>
+#include <atomic>
+#include <functional>
+#include <map>
+#include <set>
 #include <cmath>
 #include <complex>
 #include <tuple>
@@ -41,6 +45,15 @@ using gemm_t = void (*)(const char*, const char*, const int*, const int*, const 
                         const cf*, const cf*, const int*, const cf*, const int*, const cf*,
                         cf*, const int*);
 using potrf_t = void (*)(const char*, const int*, cf*, const int*, int*);
+
+// The element-wise loops (moduli, Perron steps, forming A_f) compiled for AVX-512, AVX2 and
+// the baseline, chosen at load time (GCC's ifunc; the build itself targets the baseline)
+#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__)
+#define LIPKERN_CLONES \
+  __attribute__((target_clones("arch=skylake-avx512", "arch=haswell", "default")))
+#else
+#define LIPKERN_CLONES
+#endif
 
 constexpr int kBlock = 64;      // block-column width of the lower-triangle GEMM
 constexpr int kPerronIters = 3;  // power steps before the Collatz-Wielandt ratio
@@ -76,7 +89,7 @@ float dot_from(const float* a, const float* b, int lo, int hi) {
   return s;
 }
 
-double perron_upper(const float* m, int rows, int cols, bool lower_only) {
+LIPKERN_CLONES double perron_upper(const float* m, int rows, int cols, bool lower_only) {
   std::vector<float> x(cols, 1.f), t(rows), y(cols);
   auto apply = [&]() {
     std::fill(t.begin(), t.end(), 0.f);
@@ -104,7 +117,7 @@ double perron_upper(const float* m, int rows, int cols, bool lower_only) {
 
 // |z| as sqrt(re^2 + im^2) in float: <= 2.5 u relative (std::abs calls hypotf, ~5x
 // slower here; the scaled entries are O(1), no overflow), inside the caller's (1 + 8 u)
-inline float modulus(cf z) { return std::sqrt(z.real() * z.real() + z.imag() * z.imag()); }
+static inline float modulus(cf z) { return std::sqrt(z.real() * z.real() + z.imag() * z.imag()); }
 
 // One frequency: S = mu I - B B^H (or mu I - conj(H)) into s (n x n, column-major lower),
 // its Perron bound of |B| into *pb (not for a given H), potrf, and the Perron bound of |L|
@@ -265,6 +278,621 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> certify_taps_cpu(
   return {info, pl, pb};
 }
 
+
+// ---------------------------------------------------------------- the whole layer in one call
+// certify_layer: every frequency of one layer (python/lipkern/certified/certify.py,
+// certify_cpp): the estimate, the Gram matrices and the certificate without a round trip.
+//   1. for the frequencies in `top` (largest traces): form B_f, its Gram (lower blocks,
+//      kept), the Perron bound of |B_f| and a Lanczos estimate of lambda_max;
+//   2. mu = (largest estimate) (1 + margin); for every frequency (in parallel): the Gram
+//      (kept from 1 or formed here), the Cholesky factorization of mu I - H_f and the Perron
+//      bound of |L|; a frequency whose factorization fails gets a Lanczos estimate of its
+//      own (retry_steps) and a larger trial (the estimate's, or the failed trial grown by
+//      the margin x 4 per round), up to `rounds` trials.
+// Only the trial values, the factorizations' success and the Perron bounds are certified
+// quantities; the estimates only choose the trials (a low estimate costs a round, never a
+// wrong bound).
+
+namespace {
+
+// The Gram blocks of conj(H) = Bc^H Bc (column-major n x n): block columns of kBlock, each
+// from its diagonal down (the diagonal blocks whole, both triangles).
+void gram_blocks(const Lapack& lp, const cf* bf, int n, int m, cf* g, bool accumulate = false) {
+  const cf one(1.f, 0.f), beta(accumulate ? 1.f : 0.f, 0.f);
+  if (m == 0) {
+    if (!accumulate) std::fill(g, g + static_cast<int64_t>(n) * n, beta);
+    return;
+  }
+  for (int j0 = 0; j0 < n; j0 += kBlock) {
+    const int nb = std::min(kBlock, n - j0);
+    const int rows = n - j0;
+    lp.gemm("C", "N", &rows, &nb, &m, &one, bf + static_cast<int64_t>(j0) * m, &m,
+            bf + static_cast<int64_t>(j0) * m, &m, &beta, g + j0 + static_cast<int64_t>(j0) * n,
+            &n);
+  }
+}
+
+// g += h over the region gram_blocks writes (the diagonal blocks and the blocks below).
+LIPKERN_CLONES void add_blocks(const cf* h, int n, cf* g) {
+  for (int j = 0; j < n; ++j) {
+    const int64_t c0 = static_cast<int64_t>(j) * n + (j / kBlock) * kBlock;
+    const float* a = reinterpret_cast<const float*>(h + c0);
+    float* b = reinterpret_cast<float*>(g + c0);
+    const int64_t len = 2 * (n - (j / kBlock) * kBlock);
+    for (int64_t i = 0; i < len; ++i) b[i] += a[i];
+  }
+}
+
+// c_m of python/lipkern/certified/gram.py: |fl(x^H y) - x^H y| <= c_m |x|^T |y| (complex,
+// length m, float32)
+double inner_constant(int m) {
+  const double c = 4.0 * (m + 4) * 5.9604644775390625e-08;
+  return c / (1.0 - c);
+}
+
+// The Frobenius bounds replace a Perron bound where they cost at most this fraction of the
+// trial: || |L| ||_2^2 <= ||L||_F^2 <= n mu / (1 - c_n) (tr(L L^H) = tr(S + E), tr S <= n mu,
+// tr E <= c_n ||L||_F^2), so c_n || |L| ||^2 <= c_n n mu / (1 - c_n): n <= 128 here; and
+// || |B| ||_2^2 <= ||B||_F^2 = tr H <= tr fl(H) / (1 - c_m) (the diagonal's terms are >= 0).
+constexpr double kFrobeniusShare = 1.0 / 256.0;
+
+// sum_i fl(H)_ii / (1 - c_m), rounded up: >= ||B||_F^2
+double trace_bound(const cf* g, int n, int m) {
+  double t = 0.0;
+  for (int i = 0; i < n; ++i) t += static_cast<double>(g[i + static_cast<int64_t>(i) * n].real());
+  return t * (1.0 + 1e-12) / (1.0 - inner_constant(m));
+}
+
+// y = G x for the Hermitian G stored as gram_blocks leaves it (x, y: n complex).
+void herm_matvec(const Lapack& lp, const cf* g, int n, const cf* x, cf* y) {
+  const cf one(1.f, 0.f), zero(0.f, 0.f);
+  const int ione = 1;
+  std::fill(y, y + n, zero);
+  for (int j0 = 0; j0 < n; j0 += kBlock) {
+    const int nb = std::min(kBlock, n - j0);
+    const int rows = n - j0;
+    const cf* col = g + j0 + static_cast<int64_t>(j0) * n;
+    // y[j0:] += G[j0:, j0:j0+nb] x[j0:j0+nb]   (the diagonal block and the blocks below)
+    lp.gemm("N", "N", &rows, &ione, &nb, &one, col, &n, x + j0, &nb, &one, y + j0, &rows);
+    const int below = rows - nb;
+    if (below > 0)  // y[j0:j0+nb] += G[j0+nb:, j0:j0+nb]^H x[j0+nb:]   (the blocks above)
+      lp.gemm("C", "N", &nb, &ione, &below, &one, col + nb, &n, x + j0 + nb, &below, &one,
+              y + j0, &nb);
+  }
+}
+
+// Number of eigenvalues below x of the symmetric tridiagonal (alpha, beta) (Sturm count
+// by the LDL^T recurrence).
+int sturm_below(const std::vector<double>& al, const std::vector<double>& be, double x) {
+  int cnt = 0;
+  double d = 1.0;
+  for (size_t i = 0; i < al.size(); ++i) {
+    const double b2 = i ? be[i - 1] * be[i - 1] : 0.0;
+    d = al[i] - x - (i ? b2 / d : 0.0);
+    if (d == 0.0) d = -1e-300;
+    if (d < 0.0) ++cnt;
+  }
+  return cnt;
+}
+
+// Largest eigenvalue of the symmetric tridiagonal (alpha k, beta k-1) by bisection, and its
+// eigenvector by two steps of inverse iteration (tridiagonal LU with partial pivoting).
+double tridiag_top(const std::vector<double>& al, const std::vector<double>& be,
+                   std::vector<double>& vec) {
+  const int k = static_cast<int>(al.size());
+  double lo = al[0], hi = al[0];
+  for (int i = 0; i < k; ++i) {  // Gershgorin
+    const double r = (i ? std::fabs(be[i - 1]) : 0.0) + (i + 1 < k ? std::fabs(be[i]) : 0.0);
+    lo = std::min(lo, al[i] - r);
+    hi = std::max(hi, al[i] + r);
+  }
+  for (int it = 0; it < 200 && hi - lo > 1e-15 * std::max(std::fabs(hi), 1e-300); ++it) {
+    const double mid = 0.5 * (lo + hi);
+    if (sturm_below(al, be, mid) == k) hi = mid; else lo = mid;
+  }
+  const double theta = hi;
+  vec.assign(k, 1.0);
+  const double shift = theta + 1e-10 * std::max(std::fabs(theta), 1e-300);
+  for (int pass = 0; pass < 2; ++pass) {
+    // solve (T - shift I) y = vec: rows i carry (sub, d, sup, sup2) after pivoting
+    std::vector<double> d(k), up(k, 0.0), up2(k, 0.0), sub(k, 0.0), rhs = vec;
+    for (int i = 0; i < k; ++i) {
+      d[i] = al[i] - shift;
+      if (i + 1 < k) up[i] = be[i];
+      if (i) sub[i] = be[i - 1];
+    }
+    for (int i = 0; i + 1 < k; ++i) {  // eliminate sub[i + 1]
+      if (std::fabs(sub[i + 1]) > std::fabs(d[i])) {  // swap rows i and i + 1
+        std::swap(d[i], sub[i + 1]);
+        std::swap(up[i], d[i + 1]);
+        std::swap(up2[i], up[i + 1]);
+        std::swap(rhs[i], rhs[i + 1]);
+      }
+      if (d[i] == 0.0) d[i] = 1e-300;
+      const double f = sub[i + 1] / d[i];
+      d[i + 1] -= f * up[i];
+      up[i + 1] -= f * up2[i];
+      rhs[i + 1] -= f * rhs[i];
+    }
+    if (d[k - 1] == 0.0) d[k - 1] = 1e-300;
+    for (int i = k - 1; i >= 0; --i) {
+      double v = rhs[i];
+      if (i + 1 < k) v -= up[i] * vec[i + 1];
+      if (i + 2 < k) v -= up2[i] * vec[i + 2];
+      vec[i] = v / d[i];
+    }
+    double nrm = 0.0;
+    for (double v : vec) nrm += v * v;
+    nrm = std::sqrt(nrm);
+    if (!(nrm > 0.0) || !std::isfinite(nrm)) {
+      vec.assign(k, 0.0);
+      vec[0] = 1.0;
+      break;
+    }
+    for (double& v : vec) v /= nrm;
+  }
+  return theta;
+}
+
+// Lanczos with full reorthogonalization on the Hermitian G (gram_blocks layout) from x0:
+// the largest Ritz value (an estimate from below of lambda_max, in exact arithmetic) and
+// its Ritz vector (unit, n complex) into z. steps >= 1.
+double lanczos_top(const Lapack& lp, const cf* g, int n, const cf* x0, int steps, cf* z) {
+  steps = std::max(1, std::min(steps, n));
+  std::vector<cf> basis(static_cast<size_t>(steps + 1) * n), w(n), h(steps + 1);
+  const cf one(1.f, 0.f), zero(0.f, 0.f), mone(-1.f, 0.f);
+  const int ione = 1;
+  double nrm = 0.0;
+  for (int i = 0; i < n; ++i) nrm += std::norm(x0[i]);
+  nrm = std::sqrt(nrm);
+  if (!(nrm > 0.0)) {
+    std::fill(z, z + n, zero);
+    return 0.0;
+  }
+  for (int i = 0; i < n; ++i) basis[i] = x0[i] / static_cast<float>(nrm);
+  std::vector<double> alpha, beta;
+  int k = 0;
+  for (; k < steps; ++k) {
+    const cf* vk = basis.data() + static_cast<int64_t>(k) * n;
+    herm_matvec(lp, g, n, vk, w.data());
+    double a = 0.0;
+    for (int i = 0; i < n; ++i) a += (std::conj(vk[i]) * w[i]).real();
+    alpha.push_back(a);
+    // w -= V (V^H w), twice (classical Gram-Schmidt with reorthogonalization)
+    const int cols = k + 1;
+    for (int pass = 0; pass < 2; ++pass) {
+      lp.gemm("C", "N", &cols, &ione, &n, &one, basis.data(), &n, w.data(), &n, &zero,
+              h.data(), &cols);
+      lp.gemm("N", "N", &n, &ione, &cols, &mone, basis.data(), &n, h.data(), &cols, &one,
+              w.data(), &n);
+    }
+    double b = 0.0;
+    for (int i = 0; i < n; ++i) b += std::norm(w[i]);
+    b = std::sqrt(b);
+    if (k + 1 == steps || !(b > 1e-7 * std::max(std::fabs(a), 1e-30))) {
+      ++k;
+      break;
+    }
+    beta.push_back(b);
+    cf* vn = basis.data() + static_cast<int64_t>(k + 1) * n;
+    for (int i = 0; i < n; ++i) vn[i] = w[i] / static_cast<float>(b);
+  }
+  alpha.resize(k);
+  beta.resize(k - 1);
+  std::vector<double> y;
+  const double theta = tridiag_top(alpha, beta, y);
+  std::fill(z, z + n, zero);
+  for (int j = 0; j < k; ++j) {
+    const float yj = static_cast<float>(y[j]);
+    const cf* vj = basis.data() + static_cast<int64_t>(j) * n;
+    for (int i = 0; i < n; ++i) z[i] += vj[i] * yj;
+  }
+  return theta;
+}
+
+// The symbol's column blocks (python/lipkern/certified/symbol.py lays the polyphase phases
+// out as contiguous blocks of ci columns): with H = A A^H (left), H_f = sum_p A_f^p A_f^p^H
+// over the blocks, and a block whose taps share their row shift (or column shift) has a
+// Gram independent of f_h (or f_w): the common phase factor cancels. Such blocks' Grams are
+// formed once per distinct key (the frequency's coordinates on the axes the block depends
+// on) and added (a 3x3 stride-2 conv: of 4 phase blocks, one depends on (f_h, f_w), two on
+// one axis each, one on neither). With H = A^H A (right) the whole A is one block.
+struct Block {
+  int col0 = 0, ncols = 0;  // columns [col0, col0 + ncols) of ci'
+  std::vector<int> taps;    // the taps q used in this block
+  std::vector<int> key_of;  // per frequency: its key's index (cached blocks)
+  std::vector<int64_t> rep; // per key: a frequency having it
+};
+
+// Rows [o0, o1) of A_f^p for the blocks `blks` of group g at the frequencies fs (count nb),
+// concatenated per row: out[j] is (co x m_f) row-major complex for frequency fs[j]. Float32
+// sums of the block's taps in tap order (the error gram.py bounds: Q terms at most).
+LIPKERN_CLONES void form_blocks(const float* tg, const float* php, int nq, int co, int cip,
+                                const std::vector<const Block*>& blks, const int64_t* fs, int nb,
+                                int m_f, std::vector<std::vector<cf>>& out,
+                                std::vector<float>& acc) {
+  const int64_t e_len = static_cast<int64_t>(co) * cip;
+  for (int o = 0; o < co; ++o) {
+    for (int j = 0; j < nb; ++j) {
+      const float* pf = php + fs[j] * nq * 2;
+      float* b = reinterpret_cast<float*>(out[j].data() + static_cast<int64_t>(o) * m_f);
+      int off = 0;
+      for (const Block* bl : blks) {
+        const int nc = bl->ncols;
+        acc.resize(2 * static_cast<size_t>(nc));
+        float* r = acc.data();
+        float* im = acc.data() + nc;
+        for (int c = 0; c < nc; ++c) r[c] = im[c] = 0.f;
+        for (int q : bl->taps) {
+          const float* t = tg + q * e_len + static_cast<int64_t>(o) * cip + bl->col0;
+          const float cs = pf[2 * q], sn = pf[2 * q + 1];
+          for (int c = 0; c < nc; ++c) {
+            r[c] += t[c] * cs;
+            im[c] += t[c] * sn;
+          }
+        }
+        float* bo = b + 2 * off;
+        for (int c = 0; c < nc; ++c) {
+          bo[2 * c] = r[c];
+          bo[2 * c + 1] = im[c];
+        }
+        off += nc;
+      }
+    }
+  }
+}
+
+// B = A^H (ci' x co) from A (co x ci') row-major, in place into bt.
+void conj_transpose(const std::vector<cf>& a, int co, int cip, std::vector<cf>& bt) {
+  bt.resize(static_cast<size_t>(co) * cip);
+  for (int o = 0; o < co; ++o)
+    for (int c = 0; c < cip; ++c)
+      bt[static_cast<int64_t>(c) * co + o] = std::conj(a[static_cast<int64_t>(o) * cip + c]);
+}
+
+// sum over (g, o, c) of (sum_q |T_q[g, o, c]|)^2, in double, raised to cover the float sums
+// of Q terms (<= Q u relative each, squared): for gram.py's sigma_err.
+LIPKERN_CLONES double tap_abs_sq(const float* tp, int64_t gr, int nq, int64_t e_len) {
+  double acc = 0.0;
+  std::vector<float> sum(1024);
+  for (int64_t g = 0; g < gr; ++g)
+    for (int64_t e0 = 0; e0 < e_len; e0 += 1024) {
+      const int64_t len = std::min<int64_t>(1024, e_len - e0);
+      for (int64_t e = 0; e < len; ++e) sum[e] = 0.f;
+      for (int q = 0; q < nq; ++q) {
+        const float* t = tp + (g * nq + q) * e_len + e0;
+        for (int64_t e = 0; e < len; ++e) sum[e] += std::fabs(t[e]);
+      }
+      double part = 0.0;
+      for (int64_t e = 0; e < len; ++e) part += static_cast<double>(sum[e]) * sum[e];
+      acc += part;
+    }
+  const double u = 5.9604644775390625e-08;
+  return acc * (1.0 + (2.0 * nq + 4.0) * u);
+}
+
+LIPKERN_CLONES double perron_of_side(const std::vector<cf>& bbuf, int n, int m, std::vector<float>& absm) {
+  absm.resize(static_cast<size_t>(n) * m);
+  for (int64_t k = 0; k < static_cast<int64_t>(n) * m; ++k) absm[k] = modulus(bbuf[k]);
+  return perron_upper(absm.data(), m, n, false);
+}
+
+// Factor mu I - G (G in gram_blocks layout, lower part read) in s; the Perron bound of |L|
+// into *pl where it completed. Returns potrf's info.
+// perron: bound || |L| ||^2 by Collatz-Wielandt, else by the Frobenius bound (see
+// kFrobeniusShare).
+LIPKERN_CLONES int factor_shifted(const Lapack& lp, const cf* g, int n, float muf,
+                                  std::vector<cf>& s, std::vector<float>& absm, double* pl,
+                                  bool perron) {
+  s.resize(static_cast<size_t>(n) * n);
+  for (int j = 0; j < n; ++j) {
+    const int64_t c0 = static_cast<int64_t>(j) * n;
+    for (int i = j; i < n; ++i) s[c0 + i] = -g[c0 + i];
+    s[c0 + j] += cf(muf, 0.f);
+  }
+  int inf = 0;
+  lp.potrf("L", &n, s.data(), &n, &inf);
+  if (inf == 0 && !perron) {
+    *pl = n * static_cast<double>(muf) * (1.0 + 1e-12) / (1.0 - inner_constant(n));
+  } else if (inf == 0) {
+    absm.resize(static_cast<size_t>(n) * n);
+    for (int j = 0; j < n; ++j)
+      for (int i = j; i < n; ++i) {
+        const int64_t k = i + static_cast<int64_t>(j) * n;
+        absm[k] = modulus(s[k]);
+      }
+    *pl = perron_upper(absm.data(), n, n, true);
+  }
+  return inf;
+}
+
+}  // namespace
+
+// taps (G, Q, co, ci') float32 tap-major, ph (F, Q, 2) float32 (cos, sin), freqs (F, 2)
+// int64 (f_h, f_w), used (P, Qh, Qw) uint8 (tap q reaches phase block p; the P blocks of
+// ci' / P columns), order (G * F,) int64 a permutation of the flat ids g * F + f (largest
+// traces first: its first n_top are estimated first, and the factorizations run in this
+// order), start (n,) complex64 (the Lanczos start vector). Returns, per flat id: info int32
+// (0: the last trial's factorization completed), trial float32 (the value factored),
+// perron_l float64 >= || |L| ||^2 (0 where it failed), perron_b float64 >= || |B| ||^2
+// (blocks formed once: the sum of their bounds, >= by Weyl), estimate float64 (0 where none
+// was made), vectors (G * F, n) complex64 (the Ritz vectors of H_f in the row-major
+// convention, zero where none was made); and sum_(g, o, c) (sum_q |T_q|)^2 >= its exact value
+// (gram.py's sigma_err).
+//
+// Rounding: H_f is a sum of the blocks' products, each an inner product over its ncols
+// columns, then added (P - 1 more additions per entry): any summation order of one inner
+// product over the m = P ncols columns, so the c_m |B| |B|^T bound of gram.py holds as is.
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, double>
+certify_layer_cpu(const at::Tensor& taps_in, const at::Tensor& ph_in,
+                  const at::Tensor& freqs_in, const at::Tensor& used_in,
+                  const at::Tensor& order_in, int64_t n_top, const at::Tensor& start_in,
+                  bool left, double margin, int64_t est_steps, int64_t retry_steps,
+                  int64_t rounds) {
+  TORCH_CHECK(taps_in.scalar_type() == at::kFloat && taps_in.dim() == 4,
+              "certify_layer: taps must be (G, Q, co, ci) float32");
+  TORCH_CHECK(ph_in.scalar_type() == at::kFloat && ph_in.dim() == 3 && ph_in.size(2) == 2 &&
+                  ph_in.size(1) == taps_in.size(1),
+              "certify_layer: ph must be (F, Q, 2) float32");
+  TORCH_CHECK(freqs_in.scalar_type() == at::kLong && freqs_in.dim() == 2 &&
+                  freqs_in.size(0) == ph_in.size(0) && freqs_in.size(1) == 2,
+              "certify_layer: freqs must be (F, 2) int64");
+  TORCH_CHECK(used_in.scalar_type() == at::kByte && used_in.dim() == 3 &&
+                  used_in.size(1) * used_in.size(2) == taps_in.size(1) &&
+                  taps_in.size(3) % used_in.size(0) == 0,
+              "certify_layer: used must be (P, Qh, Qw) uint8 with Qh Qw = Q and P | ci");
+  TORCH_CHECK(order_in.scalar_type() == at::kLong && order_in.dim() == 1,
+              "certify_layer: order must be (G * F,) int64");
+  TORCH_CHECK(est_steps >= 1 && retry_steps >= 1 && rounds >= 1 && margin > 0,
+              "certify_layer: est_steps, retry_steps, rounds >= 1 and margin > 0");
+  const Lapack& lp = checked_lapack();
+  const at::Tensor taps = taps_in.contiguous(), ph = ph_in.contiguous();
+  const at::Tensor order = order_in.contiguous(), fq = freqs_in.contiguous();
+  const at::Tensor used = used_in.contiguous();
+  const int64_t gr = taps.size(0), nf = ph.size(0), nt = gr * nf;
+  TORCH_CHECK(order.numel() == nt && n_top >= 1 && n_top <= nt,
+              "certify_layer: order must hold the G * F flat ids and 1 <= n_top <= G * F");
+  const int64_t nk = n_top;
+  const int nq = static_cast<int>(taps.size(1));
+  const int co = static_cast<int>(taps.size(2)), cip = static_cast<int>(taps.size(3));
+  const int n = left ? co : cip, m = left ? cip : co;
+  TORCH_CHECK(start_in.scalar_type() == at::kComplexFloat && start_in.numel() == n,
+              "certify_layer: start must be (n,) complex64");
+  const at::Tensor start = start_in.contiguous();
+  const int64_t* topp = order.data_ptr<int64_t>();
+  std::vector<int64_t> slot(nt, -2);  // flat id -> its kept Gram (the top ids), else -1
+  for (int64_t k = 0; k < nt; ++k) {
+    TORCH_CHECK(topp[k] >= 0 && topp[k] < nt && slot[topp[k]] == -2,
+                "certify_layer: order must be a permutation of the flat ids");
+    slot[topp[k]] = k < nk ? k : -1;
+  }
+  // the blocks: per phase (left), or one (right); cached where keys repeat
+  const int np = static_cast<int>(used.size(0)), uqw = static_cast<int>(used.size(2));
+  const uint8_t* up = used.data_ptr<uint8_t>();
+  const int64_t* fp = fq.data_ptr<int64_t>();
+  std::vector<Block> blocks;
+  for (int p = 0; p < (left ? np : 1); ++p) {
+    Block b;
+    b.col0 = left ? p * (cip / np) : 0;
+    b.ncols = left ? cip / np : cip;
+    std::vector<int> hs, wsh;
+    for (int q = 0; q < nq; ++q) {
+      bool u = false;
+      for (int pp = (left ? p : 0); pp < (left ? p + 1 : np); ++pp) u = u || up[pp * nq + q];
+      if (!u) continue;
+      b.taps.push_back(q);
+      hs.push_back(q / uqw);
+      wsh.push_back(q % uqw);
+    }
+    const bool dep_h = std::set<int>(hs.begin(), hs.end()).size() > 1;
+    const bool dep_w = std::set<int>(wsh.begin(), wsh.end()).size() > 1;
+    std::map<std::pair<int64_t, int64_t>, int> keys;
+    b.key_of.resize(nf);
+    for (int64_t f = 0; f < nf; ++f) {
+      const auto key = std::make_pair(dep_h ? fp[2 * f] : -1, dep_w ? fp[2 * f + 1] : -1);
+      auto it = keys.find(key);
+      if (it == keys.end()) {
+        it = keys.emplace(key, static_cast<int>(b.rep.size())).first;
+        b.rep.push_back(f);
+      }
+      b.key_of[f] = it->second;
+    }
+    if (!b.taps.empty()) blocks.push_back(std::move(b));
+  }
+  std::vector<const Block*> per_f, cached;
+  for (const Block& b : blocks)
+    (static_cast<int64_t>(b.rep.size()) < nf ? cached : per_f).push_back(&b);
+  // the per-frequency part: form_cols columns of A_f formed per row; B_f = those columns
+  // (left: n x m_f, m_f = form_cols) or A_f^H (right: the one block, n = ci', m_f = co)
+  int form_cols = 0;
+  for (const Block* b : per_f) form_cols += b->ncols;
+  const int m_f = left ? form_cols : (per_f.empty() ? 0 : co);
+
+  auto fopt = taps.options();
+  auto info = at::zeros({nt}, fopt.dtype(at::kInt));
+  auto trial = at::zeros({nt}, fopt);
+  auto pl = at::zeros({nt}, fopt.dtype(at::kDouble));
+  auto pb = at::zeros({nt}, fopt.dtype(at::kDouble));
+  auto est = at::zeros({nt}, fopt.dtype(at::kDouble));
+  auto vecs = at::zeros({nt, n}, fopt.dtype(at::kComplexFloat));
+  const float* tp = taps.data_ptr<float>();
+  const float* php = ph.data_ptr<float>();
+  const cf* x0 = reinterpret_cast<const cf*>(start.data_ptr<c10::complex<float>>());
+  int* infop = info.data_ptr<int>();
+  float* trp = trial.data_ptr<float>();
+  double* plp = pl.data_ptr<double>();
+  double* pbp = pb.data_ptr<double>();
+  double* estp = est.data_ptr<double>();
+  cf* vp = reinterpret_cast<cf*>(vecs.data_ptr<c10::complex<float>>());
+  const int64_t e_len = static_cast<int64_t>(co) * cip;
+  const int64_t nn = static_cast<int64_t>(n) * n;
+
+  // 0. the cached blocks: one Gram and one Perron bound per (group, block, key)
+  std::vector<int64_t> cbase(cached.size() + 1, 0);  // per cached block: its first slot / G
+  for (size_t c = 0; c < cached.size(); ++c)
+    cbase[c + 1] = cbase[c] + static_cast<int64_t>(cached[c]->rep.size());
+  const int64_t ncache = gr * cbase.back();
+  std::vector<cf> cgram(static_cast<size_t>(ncache) * nn);
+  std::vector<double> cpb(ncache, 0.0);
+  at::parallel_for(0, ncache, 1, [&](int64_t s0, int64_t s1) {
+    std::vector<std::vector<cf>> buf(1);
+    std::vector<float> acc, absm;
+    std::vector<cf> tmp;
+    for (int64_t sl = s0; sl < s1; ++sl) {
+      const int64_t g = sl / cbase.back(), within = sl % cbase.back();
+      size_t c = 0;
+      while (cbase[c + 1] <= within) ++c;
+      const Block* b = cached[c];
+      const int64_t f = b->rep[within - cbase[c]];
+      buf[0].resize(static_cast<size_t>(co) * b->ncols);
+      form_blocks(tp + g * nq * e_len, php, nq, co, cip, {b}, &f, 1, b->ncols, buf, acc);
+      if (!left) {  // the one block, B = A^H
+        conj_transpose(buf[0], co, cip, tmp);
+        std::swap(buf[0], tmp);
+      }
+      const int inner = left ? b->ncols : co;
+      gram_blocks(lp, buf[0].data(), n, inner, cgram.data() + sl * nn);
+      cpb[sl] = perron_of_side(buf[0], n, inner, absm);
+    }
+  });
+
+  // H_f's blocks (lower region) into h and the Perron bound of |B_f| into pbp, for a batch
+  // of flat ids of one group
+  const int64_t fb_max = std::max<int64_t>(
+      1, std::min<int64_t>(16, (int64_t(8) << 20) / std::max<int64_t>(1, 8LL * n * m_f)));
+  // with_perron: the Perron bound of |B_f| into pbp now (the kept ones: B_f is gone later)
+  auto build = [&](const int64_t* ids, int cnt, std::vector<std::vector<cf>>& bufs,
+                   std::vector<float>& acc, std::vector<float>& absm, std::vector<cf>& tmp,
+                   const std::function<cf*(int)>& dest, bool with_perron) {
+    const int64_t g = ids[0] / nf;
+    std::vector<int64_t> fs(cnt);
+    for (int j = 0; j < cnt; ++j) fs[j] = ids[j] % nf;
+    if (m_f > 0) {
+      if (static_cast<int>(bufs.size()) < cnt) bufs.resize(cnt);
+      for (int j = 0; j < cnt; ++j) bufs[j].resize(static_cast<size_t>(co) * form_cols);
+      form_blocks(tp + g * nq * e_len, php, nq, co, cip, per_f, fs.data(), cnt, form_cols, bufs,
+                  acc);
+      if (!left) {
+        for (int j = 0; j < cnt; ++j) {
+          conj_transpose(bufs[j], co, cip, tmp);
+          std::swap(bufs[j], tmp);
+        }
+      }
+    }
+    for (int j = 0; j < cnt; ++j) {
+      cf* h = dest(j);
+      double pbj = 0.0;
+      bool first = true;
+      for (size_t c = 0; c < cached.size(); ++c) {
+        const int64_t sl = g * cbase.back() + cbase[c] + cached[c]->key_of[fs[j]];
+        if (first) std::copy(cgram.data() + sl * nn, cgram.data() + (sl + 1) * nn, h);
+        else add_blocks(cgram.data() + sl * nn, n, h);
+        first = false;
+        pbj += cpb[sl];
+      }
+      if (m_f > 0) {
+        gram_blocks(lp, bufs[j].data(), n, m_f, h, !first);
+        if (with_perron) pbj += perron_of_side(bufs[j], n, m_f, absm);
+      } else if (first) {
+        std::fill(h, h + nn, cf(0.f, 0.f));
+      }
+      pbp[ids[j]] = with_perron ? pbj : 0.0;
+    }
+  };
+  auto batch_end = [&](int64_t pos, int64_t stop) {  // consecutive ids of one group
+    int64_t e = pos + 1;  // (positions < nk are the kept ones; batches never mix the two)
+    if (pos < nk) stop = std::min(stop, nk);
+    while (e < stop && e - pos < fb_max && topp[e] / nf == topp[pos] / nf) ++e;
+    return e;
+  };
+  auto estimate = [&](const cf* g, int64_t id, int steps) {
+    // the Ritz vector of conj(H) (column-major view), stored conjugated: H's convention
+    cf* z = vp + id * n;
+    const double th = lanczos_top(lp, g, n, estp[id] > 0 ? z : x0, steps, z);
+    for (int i = 0; i < n; ++i) z[i] = std::conj(z[i]);
+    estp[id] = std::max(estp[id], th);
+  };
+
+  const double c_m = inner_constant(m);
+  const bool perron_l = inner_constant(n) * n > kFrobeniusShare;
+  // 1. the top frequencies: Gram kept, estimate
+  std::vector<cf> kept(static_cast<size_t>(nk) * nn);
+  at::parallel_for(0, nk, 1, [&](int64_t k0, int64_t k1) {
+    std::vector<std::vector<cf>> bufs;
+    std::vector<float> acc, absm;
+    std::vector<cf> tmp;
+    for (int64_t k = k0; k < k1;) {
+      const int64_t e = batch_end(k, k1);
+      build(topp + k, static_cast<int>(e - k), bufs, acc, absm, tmp,
+            [&](int j) { return kept.data() + (k + j) * nn; }, true);
+      for (int64_t j = k; j < e; ++j) estimate(kept.data() + j * nn, topp[j],
+                                               static_cast<int>(est_steps));
+      k = e;
+    }
+  });
+  double lam = 0.0;
+  for (int64_t k = 0; k < nk; ++k) lam = std::max(lam, estp[topp[k]]);
+  // the first trial of every frequency: the largest estimate so far (shared, raised by the
+  // retries: a frequency above it is then likely followed by others near it)
+  std::atomic<double> mu_shared(std::max(lam, 1e-30) * (1.0 + margin));
+  // 2. every frequency: Gram, factorization, retries
+  at::parallel_for(0, nt, 1, [&](int64_t b0, int64_t b1) {
+    std::vector<std::vector<cf>> bufs;
+    std::vector<float> acc, absm;
+    std::vector<cf> tmp, own, s;
+    for (int64_t pos = b0; pos < b1;) {
+      int64_t e = pos + 1;
+      if (pos >= nk) {  // not kept: form this batch's Grams
+        e = batch_end(pos, b1);
+        own.resize(static_cast<size_t>(e - pos) * nn);
+        build(topp + pos, static_cast<int>(e - pos), bufs, acc, absm, tmp,
+              [&](int j) { return own.data() + j * nn; }, false);
+      }
+      for (int64_t j = pos; j < e; ++j) {
+        const int64_t id = topp[j];
+        const cf* g = slot[id] >= 0 ? kept.data() + slot[id] * nn : own.data() + (j - pos) * nn;
+        double t = mu_shared.load(), grow = margin;
+        int inf = 1;
+        for (int64_t r = 0; r < rounds; ++r) {
+          if (r > 0) {  // failed: the estimate was low; estimate this frequency (further)
+            estimate(g, id, static_cast<int>(retry_steps));
+            const double fresh = estp[id] * (1.0 + margin);
+            t = fresh > t ? fresh : t * (1.0 + grow);
+            grow *= 4.0;
+          }
+          // the trial as the factorization sees it: float32, rounded up
+          float tf = static_cast<float>(t);
+          if (static_cast<double>(tf) < t) tf = std::nextafter(tf, INFINITY);
+          trp[id] = tf;
+          inf = factor_shifted(lp, g, n, tf, s, absm, plp + id, perron_l);
+          if (inf == 0) break;
+        }
+        infop[id] = inf;
+        // || |B| ||^2: the trace bound where it is small against the trial, else Perron (the
+        // kept ones have theirs from step 1: the smaller of the two)
+        const double trb = trace_bound(g, n, m);
+        if (slot[id] >= 0) {
+          pbp[id] = std::min(pbp[id], trb);
+        } else if (inf != 0 || c_m * trb <= kFrobeniusShare * t || m_f == 0) {
+          pbp[id] = trb;  // (a failed one: the caller's last resort does not read it)
+        } else {
+          double pbj = 0.0;
+          for (size_t c = 0; c < cached.size(); ++c)
+            pbj += cpb[(id / nf) * cbase.back() + cbase[c] + cached[c]->key_of[id % nf]];
+          pbp[id] = std::min(trb, pbj + perron_of_side(bufs[j - pos], n, m_f, absm));
+        }
+        if (inf == 0) {  // raise the shared first trial to this one
+          double cur = mu_shared.load();
+          while (t > cur && !mu_shared.compare_exchange_weak(cur, t)) {
+          }
+        }
+      }
+      pos = e;
+    }
+  });
+  return {info, trial, pl, pb, est, vecs, tap_abs_sq(tp, gr, nq, e_len)};
+}
+
 }  // namespace cpu
 }  // namespace lipkern
 
@@ -272,9 +900,14 @@ TORCH_LIBRARY_FRAGMENT(lipkern, m) {
   m.def("certify_frequencies(Tensor side, Tensor mu, bool is_gram) -> (Tensor, Tensor, Tensor)");
   m.def("certify_taps(Tensor taps, Tensor ph, Tensor ids, Tensor mu, bool left) -> "
         "(Tensor, Tensor, Tensor)");
+  m.def("certify_layer(Tensor taps, Tensor ph, Tensor freqs, Tensor used, Tensor order, "
+        "int n_top, Tensor start, bool left, "
+        "float margin, int est_steps, int retry_steps, int rounds) -> "
+        "(Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, float)");
 }
 
 TORCH_LIBRARY_IMPL(lipkern, CPU, m) {
   m.impl("certify_frequencies", &lipkern::cpu::certify_frequencies_cpu);
   m.impl("certify_taps", &lipkern::cpu::certify_taps_cpu);
+  m.impl("certify_layer", &lipkern::cpu::certify_layer_cpu);
 }

@@ -56,11 +56,12 @@ from typing import List, Optional, Sequence
 
 import torch
 
-from ..spec import ConvSpec, resolve_geometry
+from ..spec import KIND_DENSE, ConvSpec, resolve_geometry
 from ..validate import check_specs, check_weights
-from .certify import CERT_MARGIN, certify
-from .gram import U64, choose_path, gram_frequency, gram_spatial
-from .symbol import Symbol, frequencies, phase_angles, symbol
+from .certify import CERT_MARGIN, certify, certify_cpp
+from .gram import (U64, Gram, choose_path, gram_frequency, gram_spatial, gram_taps32,
+                   sigma_from_abs)
+from .symbol import Symbol, frequencies, layout, phase_angles, symbol, tap_major32
 
 __all__ = ["certified_sigma", "symbol", "Symbol", "certify_symbol", "CERT_MARGIN"]
 
@@ -99,6 +100,30 @@ def _use_cpp(t: torch.Tensor, backend: str) -> bool:
     return has
 
 
+def _has_layer_op() -> bool:
+    return hasattr(torch.ops.lipkern, "certify_layer")
+
+
+def _sigma_bound(bound: torch.Tensor, lam: torch.Tensor, v: torch.Tensor, gram: Gram,
+                 e: int, factor: float, freqs):
+    """The layer's bound from its frequencies' lambda bounds (scaled units): (bound float64
+    0-d, (group, frequency, vector, left) for the gradient)."""
+    lam_bound = float(bound.max())
+    best = int(lam.argmax())
+    # sqrt, the additions and the products each round by <= u64: (1 + 8 u64) per step
+    sig = (math.sqrt(lam_bound) * (1 + 8 * U64) + gram.sigma_err) * (1 + 8 * U64)
+    val = sig * 2.0 ** e * factor * (1 + 8 * U64)
+    nf = len(freqs)
+    return (torch.tensor(val, dtype=torch.float64, device=bound.device),
+            (best // nf, freqs[best % nf], v[best, :, 0].to(torch.complex128), gram.left))
+
+
+def _scale_exponent(amax: float) -> int:
+    """e with max |T| * 2^-e in [1, 2): the exact power-of-two scaling, so that float32
+    neither over- nor underflows."""
+    return math.floor(math.log2(amax))
+
+
 def certify_symbol(sym: Symbol, generator=None, backend: str = "auto"):
     """(bound float64 0-d >= ||circ|| * factor, detached; (group, frequency, vector, left)
     for the gradient, None for zero taps) for one layer's symbol."""
@@ -106,27 +131,53 @@ def certify_symbol(sym: Symbol, generator=None, backend: str = "auto"):
     amax = float(taps.abs().max()) if taps.numel() else 0.0
     if amax == 0.0:
         return torch.zeros((), dtype=torch.float64, device=taps.device), None
-    # exact power-of-two scaling: max |T| in [1, 2), so float32 neither over- nor underflows
-    e = math.floor(math.log2(amax))
+    e = _scale_exponent(amax)
     taps = taps * 2.0 ** -e
     freqs = frequencies(sym.grid)
     gr, co, ci, qh, qw = taps.shape
     use_cpp = _use_cpp(taps, backend)
-    path = choose_path(qh * qw, len(freqs), max(co, ci), (2 * qh - 1) * (2 * qw - 1), use_cpp)
+    layer_op = use_cpp and _has_layer_op()
+    # the C++ layer op forms each A_f and its Gram in its own buffers: no (F, n, n) array, so
+    # it takes the frequency path on every layer
+    path = "frequency" if layer_op else choose_path(
+        qh * qw, len(freqs), max(co, ci), (2 * qh - 1) * (2 * qw - 1), use_cpp)
     if path == "spatial":
         gram = gram_spatial(taps, sym.grid, freqs)
     else:
         gram = gram_frequency(taps, freqs, phase_angles(freqs, sym.grid, qh, qw, taps.device),
                               use_triton=backend == "triton", use_cpp=use_cpp)
-    bound, lam, v = certify(gram, use_cpp, generator)
-    lam_bound = float(bound.max())
-    best = int(lam.argmax())
-    # sqrt, the additions and the products each round by <= u64: (1 + 8 u64) per step
-    sig = (math.sqrt(lam_bound) * (1 + 8 * U64) + gram.sigma_err) * (1 + 8 * U64)
-    val = sig * 2.0 ** e * sym.factor * (1 + 8 * U64)
-    nf = len(freqs)
-    return (torch.tensor(val, dtype=torch.float64, device=taps.device),
-            (best // nf, freqs[best % nf], v[best, :, 0].to(torch.complex128), gram.left))
+    if layer_op:
+        used = torch.ones(1, qh, qw, dtype=torch.bool)  # one block: every tap
+        bound, lam, v, _ = certify_cpp(gram, freqs, used, generator)
+    else:
+        bound, lam, v = certify(gram, use_cpp, generator)
+    return _sigma_bound(bound, lam, v, gram, e, sym.factor, freqs)
+
+
+def certify_weight(w: torch.Tensor, g, amax: float, generator=None, backend: str = "auto"):
+    """``certify_symbol(symbol(w, g))`` for the C++ layer op without the float64 symbol: the
+    float32 taps straight from ``w`` (``symbol.tap_major32``: the same values). None where
+    that path does not apply (another backend or device, no layer op, aliased taps)."""
+    if amax == 0.0 or not _use_cpp(w, backend) or not _has_layer_op():
+        return None
+    e = _scale_exponent(amax)
+    taps32 = tap_major32(w, g, 2.0 ** -e)
+    if taps32 is None:
+        return None
+    if g.kind == KIND_DENSE:
+        grid, qh, qw, factor = (1, 1), 1, 1, 1.0
+        used = torch.ones(1, 1, 1, dtype=torch.bool)
+    else:
+        lo = layout(g)
+        grid, qh, qw, factor = lo.grid, lo.qh, lo.qw, lo.factor
+        used = torch.zeros(lo.phases * qh * qw, dtype=torch.bool)
+        used[list(lo.idx)] = True  # slot = phase * Q + shift
+        used = used.reshape(lo.phases, qh, qw)
+    freqs = frequencies(grid)
+    gram = gram_taps32(taps32, phase_angles(freqs, grid, qh, qw, w.device))
+    bound, lam, v, tabs_sq = certify_cpp(gram, freqs, used, generator)
+    gram = gram._replace(sigma_err=sigma_from_abs(qh * qw, math.sqrt(tabs_sq)))
+    return _sigma_bound(bound, lam, v, gram, e, factor, freqs)
 
 
 def _frequency_matrix(taps_g: torch.Tensor, grid, f) -> torch.Tensor:
@@ -218,12 +269,18 @@ def certified_sigma(weights: Sequence[torch.Tensor],
     out_dtype = torch.float64 if weights[0].dtype == torch.float64 else torch.float32
     geoms = [resolve_geometry(tuple(w.shape), s, f"weights[{i}]")
              for i, (w, s) in enumerate(zip(weights, specs))]
-    for i, w in enumerate(weights):
-        if not bool(torch.isfinite(w.detach()).all()):
+    outs = []
+    for i, (w, g) in enumerate(zip(weights, geoms)):
+        # max |w| in one pass; NaN propagates, so the check below sees NaN and Inf
+        amax = float(torch.linalg.vector_norm(w.detach(), ord=math.inf)) if w.numel() else 0.0
+        if not math.isfinite(amax):
             raise ValueError(f"weights[{i}] contains NaN or Inf values")
-    syms = [symbol(w, g) for w, g in zip(weights, geoms)]
-    res = [certify_symbol(s, generator, backend) for s in syms]
-    outs = [differentiable_bound(sym, v, inf) for sym, (v, inf) in zip(syms, res)]
+        grad = torch.is_grad_enabled() and w.requires_grad
+        res = certify_weight(w, g, amax, generator, backend)
+        sym = symbol(w, g) if res is None or grad else None
+        if res is None:
+            res = certify_symbol(sym, generator, backend)
+        outs.append(differentiable_bound(sym, *res) if grad else res[0])
     out = torch.stack(outs)
     up = _up(out.detach(), out_dtype)
     return up + (out - out.detach()).to(out_dtype)

@@ -97,6 +97,43 @@ def _step(side: torch.Tensor, is_gram: bool, mu32: torch.Tensor, use_cpp: bool,
     return _step_torch(side, is_gram, mu32)
 
 
+LANCZOS_STEPS = 12  # the C++ path's estimate: Lanczos (full reorthogonalization) on H_f
+LANCZOS_RETRY = 48  # for a frequency whose first trial failed
+
+
+def certify_cpp(gram: Gram, freqs, used: torch.Tensor, generator=None
+                ) -> Tuple[torch.Tensor, ...]:
+    """``certify`` in one C++ call (``lipkern::certify_layer``, csrc/cpu/certified.cpp):
+    A_f, H_f, the Lanczos estimates, the trials and their factorizations for every
+    frequency of the layer. The same certified quantities as ``certify`` (the trial that was
+    factored, the Perron bounds of |L| and |B|), assembled here the same way. freqs: the F
+    frequencies (f_h, f_w); used: (P, Qh, Qw) bool, tap q reaches phase block p (the
+    kernel forms blocks that do not depend on every frequency axis once per key). Also
+    returns ``sum_(g,o,c) (sum_q |T_q|)^2`` (rounded up: ``gram.sigma_from_abs``'s input)."""
+    bsz = gram.count
+    order = gram.traces().argsort(descending=True)
+    n = gram.taps32.shape[2] if gram.left else gram.taps32.shape[3]
+    m = gram.taps32.shape[3] if gram.left else gram.taps32.shape[2]
+    start = torch.randn(n, dtype=torch.complex64, generator=generator)
+    fq = torch.tensor(freqs, dtype=torch.int64).reshape(-1, 2)
+    info, trial, pl, pb, lam, vec, tabs_sq = torch.ops.lipkern.certify_layer(
+        gram.taps32, gram.ph, fq, used.to(torch.uint8), order, min(ESTIMATE_TOP, bsz), start,
+        gram.left, CERT_MARGIN, LANCZOS_STEPS, LANCZOS_RETRY, ROUNDS)
+    c_n, c_m = inner_constant(n), inner_constant(m)
+    t = trial.double()
+    # the kernel bounds the Perron roots of the float32 moduli: (1 + 8 u) covers them
+    cert = (t + c_n * pl * (1 + 8 * U32) + 2 * U32 * t + c_m * pb * (1 + 8 * U32) + TINY) \
+        * (1 + 1e-12)
+    ok = info == 0
+    bound = torch.where(ok, cert, torch.full_like(cert, math.inf))
+    ids = (~ok).nonzero().flatten()
+    if ids.numel():  # the last resort, ||H||_F >= lambda_max (summed in float64), + H's error
+        sub = gram.rows(ids)
+        hf = torch.linalg.matrix_norm(_gram_of(sub, False).to(torch.complex128))
+        bound[ids] = (hf + c_m * perron_bound(sub.abs()) + TINY) * (1 + 1e-10)
+    return bound, lam, vec[:, :, None], tabs_sq
+
+
 def certify(gram: Gram, use_cpp: bool, generator=None) -> Tuple[torch.Tensor, ...]:
     """Certified ``lambda_max`` bounds of the true ``H_f`` of one layer (scaled units,
     including ``gram``'s error terms), (B,) float64; also the estimates (B,) and the top

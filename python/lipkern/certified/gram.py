@@ -133,8 +133,7 @@ def gram_frequency(taps: torch.Tensor, freqs: List[Tuple[int, int]],
     t32 = taps.to(torch.float32).reshape(gr, co * ci, nq)
     left = co <= ci
     tabs = taps.abs().sum(dim=(3, 4))  # sum_q |T_q|, (G, co, ci)
-    sigma_err = math.sqrt(2) * (nq + 3) * U32 * 1.01 * float(
-        torch.linalg.vector_norm(tabs)) + TINY
+    sigma_err = sigma_from_abs(nq, float(torch.linalg.vector_norm(tabs)))
     if use_cpp:  # the C++ step forms each A_f in its own buffer (certify_taps)
         return Gram(None, False, None, sigma_err, left,
                     t32.transpose(1, 2).reshape(gr, nq, co, ci).contiguous(),
@@ -150,6 +149,21 @@ def gram_frequency(taps: torch.Tensor, freqs: List[Tuple[int, int]],
     b = a if left else a.mH
     b = b.reshape(gr * nf, *b.shape[2:]).contiguous()
     return Gram(b, False, None, sigma_err, left)
+
+
+def sigma_from_abs(nq: int, tabs_norm: float) -> float:
+    """``sigma_err``, the bound on ``||A_f - fl(A_f)||_2`` of the frequency path, from
+    ``||sum_q |T_q| ||_F`` (module docstring)."""
+    return math.sqrt(2) * (nq + 3) * U32 * 1.01 * tabs_norm + TINY
+
+
+def gram_taps32(taps32: torch.Tensor, angles: torch.Tensor) -> Gram:
+    """The frequency path's ``Gram`` for the C++ layer op from tap-major float32 taps
+    (G, Q, co, ci) (``symbol.tap_major32``: scaled, exact or rounded once). ``sigma_err`` is
+    NaN here: the layer op returns ``||sum_q |T_q| ||_F^2`` (rounded up) for
+    ``sigma_from_abs``."""
+    left = taps32.shape[2] <= taps32.shape[3]
+    return Gram(None, False, None, math.nan, left, taps32.contiguous(), phase_table(angles))
 
 
 def _form_error(taps: torch.Tensor, grid: Tuple[int, int]) -> float:

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import functools
 import math
-from typing import List, NamedTuple, Tuple
+from typing import List, NamedTuple, Optional, Tuple
 
 import torch
 
@@ -74,28 +74,80 @@ def _axis(k: int, d: int, s: int, p: int, n: int, circular: bool, out_len: int):
             mult)
 
 
+class Layout(NamedTuple):
+    """Where each kernel tap lands in the symbol: slot ``idx[a * kw + b]`` of the
+    ``phases * Qh * Qw`` (phase, shift) slots; the grid and the output multiplicity factor."""
+    idx: Tuple[int, ...]
+    phases: int
+    qh: int
+    qw: int
+    grid: Tuple[int, int]
+    factor: float
+
+    @property
+    def aliased(self) -> bool:
+        """Two taps in one slot (small circular grids): their sum is the symbol's tap."""
+        return len(set(self.idx)) < len(self.idx)
+
+
+def layout(g: LayerGeom) -> Layout:
+    """The symbol's layout of a conv geometry (see ``_axis``)."""
+    circ = bool(g.circular)
+    rh, qh_of, nrh, qh, mh, multh = _axis(g.kh, g.dh, g.sh, g.ph, g.h, circ, g.oh)
+    rw, qw_of, nrw, qw, mw, multw = _axis(g.kw, g.dw, g.sw, g.pw, g.w, circ, g.ow)
+    idx = tuple(((rh[a] * nrw + rw[b]) * qh + qh_of[a]) * qw + qw_of[b]
+                for a in range(g.kh) for b in range(g.kw))
+    # an axis with one tap has the same matrix at every frequency: a grid of 1 says the same
+    return Layout(idx, nrh * nrw, qh, qw, (1 if qh == 1 else mh, 1 if qw == 1 else mw),
+                  math.sqrt(multh * multw))
+
+
 def symbol(w: torch.Tensor, g: LayerGeom) -> Symbol:
     """The circular operator ``w`` under geometry ``g`` is a restriction of (float64 taps)."""
     wd = w.to(torch.float64)
     if g.kind == KIND_DENSE:
         return Symbol(wd.reshape(1, g.cout, -1, 1, 1), (1, 1), 1.0)
-    circ = bool(g.circular)
-    rh, qh_of, nrh, qh, mh, multh = _axis(g.kh, g.dh, g.sh, g.ph, g.h, circ, g.oh)
-    rw, qw_of, nrw, qw, mw, multw = _axis(g.kw, g.dw, g.sw, g.pw, g.w, circ, g.ow)
+    lo = layout(g)
     co, ci = g.cout, g.cin // g.groups
     # target slot of every tap in (phase_h, phase_w, shift_h, shift_w), flattened; taps that
     # alias on a small circular grid land in one slot and add up (index_add)
-    idx = [((rh[a] * nrw + rw[b]) * qh + qh_of[a]) * qw + qw_of[b]
-           for a in range(g.kh) for b in range(g.kw)]
     k = wd.reshape(co, ci, g.kh * g.kw)
-    t = k.new_zeros(co, ci, nrh * nrw * qh * qw).index_add(
-        2, torch.tensor(idx, device=w.device), k)
+    t = k.new_zeros(co, ci, lo.phases * lo.qh * lo.qw).index_add(
+        2, torch.tensor(lo.idx, device=w.device), k)
     # phases outermost in ci' (ci' = phase * ci + c): gram_spatial skips a tap's unreached
     # phases as whole column blocks
-    t = t.reshape(co, ci, nrh * nrw, qh, qw).transpose(1, 2)
-    t = t.reshape(g.groups, co // g.groups, nrh * nrw * ci, qh, qw)
-    # an axis with one tap has the same matrix at every frequency: a grid of 1 says the same
-    return Symbol(t, (1 if qh == 1 else mh, 1 if qw == 1 else mw), math.sqrt(multh * multw))
+    t = t.reshape(co, ci, lo.phases, lo.qh, lo.qw).transpose(1, 2)
+    t = t.reshape(g.groups, co // g.groups, lo.phases * ci, lo.qh, lo.qw)
+    return Symbol(t, lo.grid, lo.factor)
+
+
+def tap_major32(w: torch.Tensor, g: LayerGeom, scale: float) -> Optional[torch.Tensor]:
+    """The taps of ``symbol(w, g) * scale`` (``scale`` a power of two) as float32, tap-major
+    (G, Qh * Qw, co / G, ci'), the layout the C++ step reads; built from ``w`` in one pass
+    without float64 copies. Equal to the float64 route's rounding: w * scale is exact
+    in float64 and rounded once to float32 (float32 weights: exact in float32 already, except
+    below the normal range, rounded the same way). None where taps alias (their sum would
+    round once more: the float64 route)."""
+    if g.kind == KIND_DENSE:
+        return (w.detach().to(torch.float64) * scale).to(torch.float32).reshape(
+            1, 1, g.cout, -1) if w.dtype == torch.float64 else \
+            (w.detach() * scale).to(torch.float32).reshape(1, 1, g.cout, -1)
+    lo = layout(g)
+    if lo.aliased:
+        return None
+    co, ci, gr = g.cout, g.cin // g.groups, g.groups
+    wd = w.detach()
+    if wd.dtype == torch.float64:  # scaled in float64 (exact), then rounded once
+        ws, scale = (wd * scale).to(torch.float32), 1.0
+    else:  # float32 (or lower: exact in float32): scaled below, in float32
+        ws = wd.to(torch.float32)
+    ws = ws.reshape(gr, co // gr, ci, g.kh * g.kw)
+    nq = lo.qh * lo.qw
+    full = len(lo.idx) == nq * lo.phases  # every slot gets a tap: nothing to zero
+    out = (ws.new_empty if full else ws.new_zeros)(gr, nq, co // gr, lo.phases, ci)
+    for j, slot in enumerate(lo.idx):  # slot = phase * Q + shift; the scaling fused in
+        torch.mul(ws[..., j], scale, out=out[:, slot % nq, :, slot // nq, :])
+    return out.reshape(gr, nq, co // gr, lo.phases * ci)
 
 
 def frequencies(grid: Tuple[int, int]) -> List[Tuple[int, int]]:
