@@ -313,14 +313,68 @@ void gram_blocks(const Lapack& lp, const cf* bf, int n, int m, cf* g, bool accum
 }
 
 // g += h over the region gram_blocks writes (the diagonal blocks and the blocks below).
-LIPKERN_CLONES void add_blocks(const cf* h, int n, cf* g) {
+// g (+)= h or conj(h) over the region gram_blocks writes (the diagonal blocks and the blocks
+// below); add: false copies.
+LIPKERN_CLONES void add_blocks(const cf* h, int n, cf* g, bool add, bool conj) {
+  const float sgn = conj ? -1.f : 1.f;
   for (int j = 0; j < n; ++j) {
     const int64_t c0 = static_cast<int64_t>(j) * n + (j / kBlock) * kBlock;
     const float* a = reinterpret_cast<const float*>(h + c0);
     float* b = reinterpret_cast<float*>(g + c0);
-    const int64_t len = 2 * (n - (j / kBlock) * kBlock);
-    for (int64_t i = 0; i < len; ++i) b[i] += a[i];
+    const int64_t len = n - (j / kBlock) * kBlock;
+    if (add) {
+      for (int64_t i = 0; i < len; ++i) {
+        b[2 * i] += a[2 * i];
+        b[2 * i + 1] += sgn * a[2 * i + 1];
+      }
+    } else {
+      for (int64_t i = 0; i < len; ++i) {
+        b[2 * i] = a[2 * i];
+        b[2 * i + 1] = sgn * a[2 * i + 1];
+      }
+    }
   }
+}
+
+// body(t) once per thread of at::parallel_for, each taking chunks [b, b + chunk) of [0, n)
+// from a shared counter until none are left (dynamic scheduling: frequencies of one layer
+// differ in cost, kept or formed, retried or not). body(next) returns the next chunk start.
+// Per-thread buffers kept between calls: a 512-channel layer's buffers are ~30 MB, and
+// fresh ones cost a page fault per 4 KiB (measured ~1.8 us each here: ~10 ms of a ~120 ms
+// layer). Buffers past kKeepBytes are freed after each use (a large dense matrix).
+constexpr size_t kKeepBytes = size_t(64) << 20;
+
+struct Scratch {
+  std::vector<std::vector<cf>> bufs;
+  std::vector<float> acc, absm;
+  std::vector<cf> tmp, own, s;
+  std::vector<cf> kept, cgram;  // the calling thread's: read by every thread of one call
+
+  template <class V>
+  static void trim_one(V& v) {
+    if (v.capacity() * sizeof(typename V::value_type) > kKeepBytes) V().swap(v);
+  }
+  void trim_work() {  // after each parallel body
+    for (auto& b : bufs) trim_one(b);
+    trim_one(acc), trim_one(absm), trim_one(tmp), trim_one(own), trim_one(s);
+  }
+  void trim_shared() { trim_one(kept), trim_one(cgram); }  // after the call
+};
+
+Scratch& scratch() {
+  static thread_local Scratch sc;
+  return sc;
+}
+
+template <class Body>
+void dynamic_chunks(int64_t n, const Body& body) {
+  if (n <= 0) return;
+  std::atomic<int64_t> next(0);
+  const int64_t nth = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), n));
+  at::parallel_for(0, nth, 1, [&](int64_t t0, int64_t t1) {
+    for (int64_t t = t0; t < t1; ++t) body(next);
+    scratch().trim_work();
+  });
 }
 
 // c_m of python/lipkern/certified/gram.py: |fl(x^H y) - x^H y| <= c_m |x|^T |y| (complex,
@@ -330,17 +384,23 @@ double inner_constant(int m) {
   return c / (1.0 - c);
 }
 
-// The Frobenius bounds replace a Perron bound where they cost at most this fraction of the
+// The Frobenius bounds replace a Perron bound where they cost at most a fraction of the
 // trial: || |L| ||_2^2 <= ||L||_F^2 <= n mu / (1 - c_n) (tr(L L^H) = tr(S + E), tr S <= n mu,
-// tr E <= c_n ||L||_F^2), so c_n || |L| ||^2 <= c_n n mu / (1 - c_n): n <= 128 here; and
-// || |B| ||_2^2 <= ||B||_F^2 = tr H <= tr fl(H) / (1 - c_m) (the diagonal's terms are >= 0).
-constexpr double kFrobeniusShare = 1.0 / 256.0;
+// tr E <= c_n ||L||_F^2), so c_n || |L| ||^2 <= c_n n mu / (1 - c_n): n <= 128 at 1/256;
+// and || |B| ||_2^2 <= ||B||_F^2 = tr H <= tr fl(H) / (1 - c_m) (the diagonal's terms are
+// >= 0). Measured on ResNet-18's 512 x 512 frequencies: c_m tr H ~1.6% of lambda against
+// ~1.0% for the Perron bound of |B| (|B| is dominated by its mean, whose Perron root is
+// ~0.64 ||B||_F^2): the Frobenius bound costs ~0.3% on sigma there and saves the Perron steps
+// (~8% of those layers' time); |L| is not (~6% against 0.3%).
+constexpr double kFrobeniusShareL = 1.0 / 256.0;
+constexpr double kFrobeniusShareB = 1.0 / 32.0;
 
-// sum_i fl(H)_ii / (1 - c_m), rounded up: >= ||B||_F^2
-double trace_bound(const cf* g, int n, int m) {
+// sum_i fl(H)_ii / (1 - kappa), rounded up: >= ||B||_F^2 (kappa: the Gram's constant,
+// |fl(H) - H| <= kappa |B| |B|^T, whose diagonal is H's own)
+double trace_bound(const cf* g, int n, double kappa) {
   double t = 0.0;
   for (int i = 0; i < n; ++i) t += static_cast<double>(g[i + static_cast<int64_t>(i) * n].real());
-  return t * (1.0 + 1e-12) / (1.0 - inner_constant(m));
+  return t * (1.0 + 1e-12) / (1.0 - kappa);
 }
 
 // y = G x for the Hermitian G stored as gram_blocks leaves it (x, y: n complex).
@@ -501,6 +561,7 @@ struct Block {
   int col0 = 0, ncols = 0;  // columns [col0, col0 + ncols) of ci'
   std::vector<int> taps;    // the taps q used in this block
   std::vector<int> key_of;  // per frequency: its key's index (cached blocks)
+  std::vector<char> conj_of;  // per frequency: its Gram is the conjugate of its key's
   std::vector<int64_t> rep; // per key: a frequency having it
 };
 
@@ -580,7 +641,7 @@ LIPKERN_CLONES double perron_of_side(const std::vector<cf>& bbuf, int n, int m, 
 // Factor mu I - G (G in gram_blocks layout, lower part read) in s; the Perron bound of |L|
 // into *pl where it completed. Returns potrf's info.
 // perron: bound || |L| ||^2 by Collatz-Wielandt, else by the Frobenius bound (see
-// kFrobeniusShare).
+// kFrobeniusShareL).
 LIPKERN_CLONES int factor_shifted(const Lapack& lp, const cf* g, int n, float muf,
                                   std::vector<cf>& s, std::vector<float>& absm, double* pl,
                                   bool perron) {
@@ -617,15 +678,13 @@ LIPKERN_CLONES int factor_shifted(const Lapack& lp, const cf* g, int n, float mu
 // perron_l float64 >= || |L| ||^2 (0 where it failed), perron_b float64 >= || |B| ||^2
 // (blocks formed once: the sum of their bounds, >= by Weyl), estimate float64 (0 where none
 // was made), vectors (G * F, n) complex64 (the Ritz vectors of H_f in the row-major
-// convention, zero where none was made); and sum_(g, o, c) (sum_q |T_q|)^2 >= its exact value
-// (gram.py's sigma_err).
+// convention, zero where none was made); sum_(g, o, c) (sum_q |T_q|)^2 >= its exact value
+// (gram.py's sigma_err); and kappa, the constant of H_f's rounding error bound
+// |fl(H_f) - H_f| <= kappa |B_f| |B_f|^T (c_m for one block; below).
 //
-// Rounding: H_f is a sum of the blocks' products, each an inner product over its ncols
-// columns, then added (P - 1 more additions per entry): any summation order of one inner
-// product over the m = P ncols columns, so the c_m |B| |B|^T bound of gram.py holds as is.
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, double>
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, double, double>
 certify_layer_cpu(const at::Tensor& taps_in, const at::Tensor& ph_in,
-                  const at::Tensor& freqs_in, const at::Tensor& used_in,
+                  const at::Tensor& freqs_in, int64_t mh, int64_t mw, const at::Tensor& used_in,
                   const at::Tensor& order_in, int64_t n_top, const at::Tensor& start_in,
                   bool left, double margin, int64_t est_steps, int64_t retry_steps,
                   int64_t rounds) {
@@ -650,6 +709,7 @@ certify_layer_cpu(const at::Tensor& taps_in, const at::Tensor& ph_in,
   const at::Tensor order = order_in.contiguous(), fq = freqs_in.contiguous();
   const at::Tensor used = used_in.contiguous();
   const int64_t gr = taps.size(0), nf = ph.size(0), nt = gr * nf;
+  TORCH_CHECK(mh >= 1 && mw >= 1, "certify_layer: the grid must be >= 1 x 1");
   TORCH_CHECK(order.numel() == nt && n_top >= 1 && n_top <= nt,
               "certify_layer: order must hold the G * F flat ids and 1 <= n_top <= G * F");
   const int64_t nk = n_top;
@@ -686,16 +746,24 @@ certify_layer_cpu(const at::Tensor& taps_in, const at::Tensor& ph_in,
     }
     const bool dep_h = std::set<int>(hs.begin(), hs.end()).size() > 1;
     const bool dep_w = std::set<int>(wsh.begin(), wsh.end()).size() > 1;
-    std::map<std::pair<int64_t, int64_t>, int> keys;
+    // a key and its conjugate (-f on the dependent axes) share one Gram: A^p at -f is the
+    // conjugate of A^p at f up to unit factors (real taps)
+    std::map<std::pair<int64_t, int64_t>, std::pair<int, bool>> keys;
     b.key_of.resize(nf);
+    b.conj_of.resize(nf);
     for (int64_t f = 0; f < nf; ++f) {
       const auto key = std::make_pair(dep_h ? fp[2 * f] : -1, dep_w ? fp[2 * f + 1] : -1);
       auto it = keys.find(key);
       if (it == keys.end()) {
-        it = keys.emplace(key, static_cast<int>(b.rep.size())).first;
+        const int idx = static_cast<int>(b.rep.size());
         b.rep.push_back(f);
+        it = keys.emplace(key, std::make_pair(idx, false)).first;
+        const auto ck = std::make_pair(dep_h ? (mh - fp[2 * f]) % mh : -1,
+                                       dep_w ? (mw - fp[2 * f + 1]) % mw : -1);
+        if (ck != key) keys.emplace(ck, std::make_pair(idx, true));
       }
-      b.key_of[f] = it->second;
+      b.key_of[f] = it->second.first;
+      b.conj_of[f] = it->second.second;
     }
     if (!b.taps.empty()) blocks.push_back(std::move(b));
   }
@@ -708,6 +776,19 @@ certify_layer_cpu(const at::Tensor& taps_in, const at::Tensor& ph_in,
   for (const Block* b : per_f) form_cols += b->ncols;
   const int m_f = left ? form_cols : (per_f.empty() ? 0 : co);
 
+  // The Gram's rounding constant kappa, |fl(H_f) - H_f| <= kappa |B| |B|^T entrywise (B all
+  // of A_f's columns): every block's product errs by <= c_(its columns) |A^p| |A^p|^T
+  // (any summation order), and H_f = fl(B_f B_f^H) + the cached blocks, added one by one:
+  // k = #cached additions of real and imaginary parts, <= sqrt(2) gamma_k sum |terms|. So
+  // kappa = c + sqrt(2) gamma_k (1 + c), c the largest block's constant: a 3x3 stride-2
+  // conv's four blocks of ci columns give ~c_ci, not c_(4 ci).
+  int widest = m_f;
+  for (const Block* b : cached) widest = std::max(widest, left ? b->ncols : co);
+  const double gam = cached.size() * 5.9604644775390625e-08 /
+                     (1.0 - cached.size() * 5.9604644775390625e-08);
+  const double kappa = (inner_constant(std::max(widest, 1)) +
+                        std::sqrt(2.0) * gam * (1.0 + inner_constant(std::max(widest, 1)))) *
+                       (1.0 + 1e-9);
   auto fopt = taps.options();
   auto info = at::zeros({nt}, fopt.dtype(at::kInt));
   auto trial = at::zeros({nt}, fopt);
@@ -732,27 +813,36 @@ certify_layer_cpu(const at::Tensor& taps_in, const at::Tensor& ph_in,
   for (size_t c = 0; c < cached.size(); ++c)
     cbase[c + 1] = cbase[c] + static_cast<int64_t>(cached[c]->rep.size());
   const int64_t ncache = gr * cbase.back();
-  std::vector<cf> cgram(static_cast<size_t>(ncache) * nn);
-  std::vector<double> cpb(ncache, 0.0);
-  at::parallel_for(0, ncache, 1, [&](int64_t s0, int64_t s1) {
-    std::vector<std::vector<cf>> buf(1);
-    std::vector<float> acc, absm;
-    std::vector<cf> tmp;
-    for (int64_t sl = s0; sl < s1; ++sl) {
-      const int64_t g = sl / cbase.back(), within = sl % cbase.back();
-      size_t c = 0;
-      while (cbase[c + 1] <= within) ++c;
-      const Block* b = cached[c];
-      const int64_t f = b->rep[within - cbase[c]];
-      buf[0].resize(static_cast<size_t>(co) * b->ncols);
-      form_blocks(tp + g * nq * e_len, php, nq, co, cip, {b}, &f, 1, b->ncols, buf, acc);
-      if (!left) {  // the one block, B = A^H
-        conj_transpose(buf[0], co, cip, tmp);
-        std::swap(buf[0], tmp);
-      }
-      const int inner = left ? b->ncols : co;
+  Scratch& own_sc = scratch();  // the calling thread's shared buffers
+  std::vector<cf>& cgram = own_sc.cgram;
+  cgram.resize(static_cast<size_t>(ncache) * nn);
+  // the cached blocks' Perron bounds, made on the first request (bound_b; -1: not yet)
+  std::vector<std::atomic<double>> cpb(ncache);
+  for (auto& v : cpb) v.store(-1.0);
+  auto form_cached = [&](int64_t sl, std::vector<std::vector<cf>>& buf, std::vector<float>& acc,
+                         std::vector<cf>& tmp) -> int {  // A^p (B^p) of slot sl into buf[0]
+    const int64_t g = sl / cbase.back(), within = sl % cbase.back();
+    size_t c = 0;
+    while (cbase[c + 1] <= within) ++c;
+    const Block* b = cached[c];
+    const int64_t f = b->rep[within - cbase[c]];
+    buf[0].resize(static_cast<size_t>(co) * b->ncols);
+    form_blocks(tp + g * nq * e_len, php, nq, co, cip, {b}, &f, 1, b->ncols, buf, acc);
+    if (!left) {  // the one block, B = A^H
+      conj_transpose(buf[0], co, cip, tmp);
+      std::swap(buf[0], tmp);
+    }
+    return left ? b->ncols : co;
+  };
+  dynamic_chunks(ncache, [&](std::atomic<int64_t>& next) {
+    Scratch& sc = scratch();
+    if (sc.bufs.empty()) sc.bufs.resize(1);
+    auto& buf = sc.bufs;
+    auto& acc = sc.acc;
+    auto& tmp = sc.tmp;
+    for (int64_t sl; (sl = next.fetch_add(1)) < ncache;) {
+      const int inner = form_cached(sl, buf, acc, tmp);
       gram_blocks(lp, buf[0].data(), n, inner, cgram.data() + sl * nn);
-      cpb[sl] = perron_of_side(buf[0], n, inner, absm);
     }
   });
 
@@ -760,10 +850,9 @@ certify_layer_cpu(const at::Tensor& taps_in, const at::Tensor& ph_in,
   // of flat ids of one group
   const int64_t fb_max = std::max<int64_t>(
       1, std::min<int64_t>(16, (int64_t(8) << 20) / std::max<int64_t>(1, 8LL * n * m_f)));
-  // with_perron: the Perron bound of |B_f| into pbp now (the kept ones: B_f is gone later)
   auto build = [&](const int64_t* ids, int cnt, std::vector<std::vector<cf>>& bufs,
                    std::vector<float>& acc, std::vector<float>& absm, std::vector<cf>& tmp,
-                   const std::function<cf*(int)>& dest, bool with_perron) {
+                   const std::function<cf*(int)>& dest) {
     const int64_t g = ids[0] / nf;
     std::vector<int64_t> fs(cnt);
     for (int j = 0; j < cnt; ++j) fs[j] = ids[j] % nf;
@@ -781,23 +870,37 @@ certify_layer_cpu(const at::Tensor& taps_in, const at::Tensor& ph_in,
     }
     for (int j = 0; j < cnt; ++j) {
       cf* h = dest(j);
-      double pbj = 0.0;
-      bool first = true;
+      // the per-frequency product first (beta 0), then the cached blocks added one by one
+      // (the order kappa counts)
+      gram_blocks(lp, m_f > 0 ? bufs[j].data() : nullptr, n, m_f, h);
       for (size_t c = 0; c < cached.size(); ++c) {
         const int64_t sl = g * cbase.back() + cbase[c] + cached[c]->key_of[fs[j]];
-        if (first) std::copy(cgram.data() + sl * nn, cgram.data() + (sl + 1) * nn, h);
-        else add_blocks(cgram.data() + sl * nn, n, h);
-        first = false;
-        pbj += cpb[sl];
+        add_blocks(cgram.data() + sl * nn, n, h, true, cached[c]->conj_of[fs[j]]);
       }
-      if (m_f > 0) {
-        gram_blocks(lp, bufs[j].data(), n, m_f, h, !first);
-        if (with_perron) pbj += perron_of_side(bufs[j], n, m_f, absm);
-      } else if (first) {
-        std::fill(h, h + nn, cf(0.f, 0.f));
-      }
-      pbp[ids[j]] = with_perron ? pbj : 0.0;
     }
+  };
+  // >= || |B_f| ||^2 for the flat id whose per-frequency part is in buf: the trace bound
+  // where it costs <= kFrobeniusShareB of the trial t, else the smaller of it and the sum of
+  // the Perron bounds of the cached blocks and of B_f
+  auto bound_b = [&](int64_t id, const cf* g, const std::vector<cf>& buf, double t,
+                     std::vector<float>& absm) {
+    const double trb = trace_bound(g, n, kappa);
+    if (m_f == 0 || kappa * trb <= kFrobeniusShareB * t) return trb;
+    double pbj = 0.0;
+    std::vector<std::vector<cf>> cbuf(1);
+    std::vector<float> cacc;
+    std::vector<cf> ctmp;
+    for (size_t c = 0; c < cached.size(); ++c) {
+      const int64_t sl = (id / nf) * cbase.back() + cbase[c] + cached[c]->key_of[id % nf];
+      double v = cpb[sl].load();
+      if (v < 0) {  // first request (two threads may both make it: the same value)
+        const int inner = form_cached(sl, cbuf, cacc, ctmp);
+        v = perron_of_side(cbuf[0], n, inner, absm);
+        cpb[sl].store(v);
+      }
+      pbj += v;
+    }
+    return std::min(trb, pbj + perron_of_side(buf, n, m_f, absm));
   };
   auto batch_end = [&](int64_t pos, int64_t stop) {  // consecutive ids of one group
     int64_t e = pos + 1;  // (positions < nk are the kept ones; batches never mix the two)
@@ -813,21 +916,33 @@ certify_layer_cpu(const at::Tensor& taps_in, const at::Tensor& ph_in,
     estp[id] = std::max(estp[id], th);
   };
 
-  const double c_m = inner_constant(m);
-  const bool perron_l = inner_constant(n) * n > kFrobeniusShare;
+  const bool perron_l = inner_constant(n) * n > kFrobeniusShareL;
   // 1. the top frequencies: Gram kept, estimate
-  std::vector<cf> kept(static_cast<size_t>(nk) * nn);
-  at::parallel_for(0, nk, 1, [&](int64_t k0, int64_t k1) {
-    std::vector<std::vector<cf>> bufs;
-    std::vector<float> acc, absm;
-    std::vector<cf> tmp;
-    for (int64_t k = k0; k < k1;) {
+  std::vector<cf>& kept = own_sc.kept;
+  kept.resize(static_cast<size_t>(nk) * nn);
+  const int64_t top_chunk = std::max<int64_t>(
+      1, std::min<int64_t>(fb_max, nk / std::max<int64_t>(1, at::get_num_threads())));
+  dynamic_chunks(nk, [&](std::atomic<int64_t>& next) {
+    Scratch& sc = scratch();
+    auto& bufs = sc.bufs;
+    auto& acc = sc.acc;
+    auto& absm = sc.absm;
+    auto& tmp = sc.tmp;
+    for (int64_t k0; (k0 = next.fetch_add(top_chunk)) < nk;) {
+     const int64_t k1 = std::min(nk, k0 + top_chunk);
+     for (int64_t k = k0; k < k1;) {
       const int64_t e = batch_end(k, k1);
       build(topp + k, static_cast<int>(e - k), bufs, acc, absm, tmp,
-            [&](int j) { return kept.data() + (k + j) * nn; }, true);
-      for (int64_t j = k; j < e; ++j) estimate(kept.data() + j * nn, topp[j],
-                                               static_cast<int>(est_steps));
+            [&](int j) { return kept.data() + (k + j) * nn; });
+      for (int64_t j = k; j < e; ++j) {
+        const int64_t id = topp[j];
+        estimate(kept.data() + j * nn, id, static_cast<int>(est_steps));
+        // B_f is gone after this batch: its bound now, against the likely first trial
+        pbp[id] = bound_b(id, kept.data() + j * nn, bufs[j - k], estp[id] * (1 + margin),
+                          absm);
+      }
       k = e;
+     }
     }
   });
   double lam = 0.0;
@@ -836,17 +951,23 @@ certify_layer_cpu(const at::Tensor& taps_in, const at::Tensor& ph_in,
   // retries: a frequency above it is then likely followed by others near it)
   std::atomic<double> mu_shared(std::max(lam, 1e-30) * (1.0 + margin));
   // 2. every frequency: Gram, factorization, retries
-  at::parallel_for(0, nt, 1, [&](int64_t b0, int64_t b1) {
-    std::vector<std::vector<cf>> bufs;
-    std::vector<float> acc, absm;
-    std::vector<cf> tmp, own, s;
-    for (int64_t pos = b0; pos < b1;) {
+  dynamic_chunks(nt, [&](std::atomic<int64_t>& next) {
+    Scratch& sc = scratch();
+    auto& bufs = sc.bufs;
+    auto& acc = sc.acc;
+    auto& absm = sc.absm;
+    auto& tmp = sc.tmp;
+    auto& own = sc.own;
+    auto& s = sc.s;
+    for (int64_t b0; (b0 = next.fetch_add(fb_max)) < nt;) {
+     const int64_t b1 = std::min(nt, b0 + fb_max);
+     for (int64_t pos = b0; pos < b1;) {
       int64_t e = pos + 1;
       if (pos >= nk) {  // not kept: form this batch's Grams
         e = batch_end(pos, b1);
         own.resize(static_cast<size_t>(e - pos) * nn);
         build(topp + pos, static_cast<int>(e - pos), bufs, acc, absm, tmp,
-              [&](int j) { return own.data() + j * nn; }, false);
+              [&](int j) { return own.data() + j * nn; });
       }
       for (int64_t j = pos; j < e; ++j) {
         const int64_t id = topp[j];
@@ -868,19 +989,9 @@ certify_layer_cpu(const at::Tensor& taps_in, const at::Tensor& ph_in,
           if (inf == 0) break;
         }
         infop[id] = inf;
-        // || |B| ||^2: the trace bound where it is small against the trial, else Perron (the
-        // kept ones have theirs from step 1: the smaller of the two)
-        const double trb = trace_bound(g, n, m);
-        if (slot[id] >= 0) {
-          pbp[id] = std::min(pbp[id], trb);
-        } else if (inf != 0 || c_m * trb <= kFrobeniusShare * t || m_f == 0) {
-          pbp[id] = trb;  // (a failed one: the caller's last resort does not read it)
-        } else {
-          double pbj = 0.0;
-          for (size_t c = 0; c < cached.size(); ++c)
-            pbj += cpb[(id / nf) * cbase.back() + cbase[c] + cached[c]->key_of[id % nf]];
-          pbp[id] = std::min(trb, pbj + perron_of_side(bufs[j - pos], n, m_f, absm));
-        }
+        // || |B| ||^2 (a failed one: the caller's last resort does not read it)
+        if (slot[id] < 0)  // (the kept ones have theirs from step 1)
+          pbp[id] = inf != 0 ? trace_bound(g, n, kappa) : bound_b(id, g, bufs[j - pos], t, absm);
         if (inf == 0) {  // raise the shared first trial to this one
           double cur = mu_shared.load();
           while (t > cur && !mu_shared.compare_exchange_weak(cur, t)) {
@@ -888,9 +999,72 @@ certify_layer_cpu(const at::Tensor& taps_in, const at::Tensor& ph_in,
         }
       }
       pos = e;
+     }
     }
   });
-  return {info, trial, pl, pb, est, vecs, tap_abs_sq(tp, gr, nq, e_len)};
+  const double tabs_sq = tap_abs_sq(tp, gr, nq, e_len);
+  own_sc.trim_shared();
+  return {info, trial, pl, pb, est, vecs, tabs_sq, kappa};
+}
+
+// The symbol's taps, tap-major, from the weight (python/lipkern/certified/symbol.py,
+// tap_major32, is the same in ATen): w (co, ci, k) float32 or float64 contiguous, slots (k,)
+// int64 distinct (slot = phase * Q + shift); out (G, Q, co / G, P * ci) float32 with
+// out[g, s % Q, o, (s / Q) * ci + c] = round32(w[g * co / G + o, c, j] * scale) for
+// s = slots[j], zero where no tap lands. scale: a power of two (exact in float64).
+at::Tensor tap_major_cpu(const at::Tensor& w_in, const at::Tensor& slots_in, int64_t groups,
+                         int64_t phases, int64_t nq, double scale,
+                         const c10::optional<at::Tensor>& out_in) {
+  TORCH_CHECK((w_in.scalar_type() == at::kFloat || w_in.scalar_type() == at::kDouble) &&
+                  w_in.dim() == 3,
+              "tap_major: w must be (co, ci, k) float32 or float64");
+  TORCH_CHECK(slots_in.scalar_type() == at::kLong && slots_in.dim() == 1 &&
+                  slots_in.size(0) == w_in.size(2),
+              "tap_major: slots must be (k,) int64");
+  const at::Tensor w = w_in.contiguous(), slots = slots_in.contiguous();
+  const int64_t co = w.size(0), ci = w.size(1), k = w.size(2);
+  TORCH_CHECK(groups >= 1 && co % groups == 0 && phases >= 1 && nq >= 1,
+              "tap_major: groups must divide co; phases, nq >= 1");
+  const int64_t* sp = slots.data_ptr<int64_t>();
+  std::vector<char> seen(phases * nq, 0);
+  for (int64_t j = 0; j < k; ++j) {
+    TORCH_CHECK(sp[j] >= 0 && sp[j] < phases * nq && !seen[sp[j]],
+                "tap_major: slots must be distinct and < phases * nq");
+    seen[sp[j]] = 1;
+  }
+  const int64_t cog = co / groups, cip = phases * ci;
+  const auto fopt = w.options().dtype(at::kFloat);
+  at::Tensor out;
+  if (out_in.has_value()) {  // a caller's workspace (no fresh pages: see Scratch)
+    out = *out_in;
+    TORCH_CHECK(out.scalar_type() == at::kFloat && out.is_contiguous() &&
+                    out.sizes() == at::IntArrayRef({groups, nq, cog, cip}),
+                "tap_major: out must be contiguous float32 (G, Q, co / G, P * ci)");
+    if (k != phases * nq) out.zero_();
+  } else {
+    out = k == phases * nq ? at::empty({groups, nq, cog, cip}, fopt)
+                           : at::zeros({groups, nq, cog, cip}, fopt);
+  }
+  float* op = out.data_ptr<float>();
+  const bool dbl = w.scalar_type() == at::kDouble;
+  const float* wf = dbl ? nullptr : w.data_ptr<float>();
+  const double* wd = dbl ? w.data_ptr<double>() : nullptr;
+  at::parallel_for(0, co, 8, [&](int64_t o0, int64_t o1) {
+    std::vector<float*> dst(k);
+    for (int64_t o = o0; o < o1; ++o) {
+      const int64_t g = o / cog, og = o % cog;
+      for (int64_t j = 0; j < k; ++j)
+        dst[j] = op + ((g * nq + sp[j] % nq) * cog + og) * cip + (sp[j] / nq) * ci;
+      // w's row o read in order, k output rows written (float32 * 2^e: exact in float32
+      // but below the normal range, where it rounds as the float64 product rounded to
+      // float32 does)
+      for (int64_t c = 0; c < ci; ++c)
+        for (int64_t j = 0; j < k; ++j)
+          dst[j][c] = dbl ? static_cast<float>(wd[(o * ci + c) * k + j] * scale)
+                          : static_cast<float>(wf[(o * ci + c) * k + j] * scale);
+    }
+  });
+  return out;
 }
 
 }  // namespace cpu
@@ -900,14 +1074,18 @@ TORCH_LIBRARY_FRAGMENT(lipkern, m) {
   m.def("certify_frequencies(Tensor side, Tensor mu, bool is_gram) -> (Tensor, Tensor, Tensor)");
   m.def("certify_taps(Tensor taps, Tensor ph, Tensor ids, Tensor mu, bool left) -> "
         "(Tensor, Tensor, Tensor)");
-  m.def("certify_layer(Tensor taps, Tensor ph, Tensor freqs, Tensor used, Tensor order, "
+  m.def("certify_layer(Tensor taps, Tensor ph, Tensor freqs, int mh, int mw, Tensor used, "
+        "Tensor order, "
         "int n_top, Tensor start, bool left, "
         "float margin, int est_steps, int retry_steps, int rounds) -> "
-        "(Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, float)");
+        "(Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, float, float)");
+  m.def("tap_major(Tensor w, Tensor slots, int groups, int phases, int nq, float scale, "
+        "Tensor? out=None) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(lipkern, CPU, m) {
   m.impl("certify_frequencies", &lipkern::cpu::certify_frequencies_cpu);
   m.impl("certify_taps", &lipkern::cpu::certify_taps_cpu);
   m.impl("certify_layer", &lipkern::cpu::certify_layer_cpu);
+  m.impl("tap_major", &lipkern::cpu::tap_major_cpu);
 }

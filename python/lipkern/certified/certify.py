@@ -101,13 +101,13 @@ LANCZOS_STEPS = 12  # the C++ path's estimate: Lanczos (full reorthogonalization
 LANCZOS_RETRY = 48  # for a frequency whose first trial failed
 
 
-def certify_cpp(gram: Gram, freqs, used: torch.Tensor, generator=None
+def certify_cpp(gram: Gram, freqs, grid, used: torch.Tensor, generator=None
                 ) -> Tuple[torch.Tensor, ...]:
     """``certify`` in one C++ call (``lipkern::certify_layer``, csrc/cpu/certified.cpp):
     A_f, H_f, the Lanczos estimates, the trials and their factorizations for every
     frequency of the layer. The same certified quantities as ``certify`` (the trial that was
     factored, the Perron bounds of |L| and |B|), assembled here the same way. freqs: the F
-    frequencies (f_h, f_w); used: (P, Qh, Qw) bool, tap q reaches phase block p (the
+    frequencies (f_h, f_w) of the grid (M_h, M_w); used: (P, Qh, Qw) bool, tap q reaches phase block p (the
     kernel forms blocks that do not depend on every frequency axis once per key). Also
     returns ``sum_(g,o,c) (sum_q |T_q|)^2`` (rounded up: ``gram.sigma_from_abs``'s input)."""
     bsz = gram.count
@@ -116,13 +116,15 @@ def certify_cpp(gram: Gram, freqs, used: torch.Tensor, generator=None
     m = gram.taps32.shape[3] if gram.left else gram.taps32.shape[2]
     start = torch.randn(n, dtype=torch.complex64, generator=generator)
     fq = torch.tensor(freqs, dtype=torch.int64).reshape(-1, 2)
-    info, trial, pl, pb, lam, vec, tabs_sq = torch.ops.lipkern.certify_layer(
-        gram.taps32, gram.ph, fq, used.to(torch.uint8), order, min(ESTIMATE_TOP, bsz), start,
+    info, trial, pl, pb, lam, vec, tabs_sq, kappa = torch.ops.lipkern.certify_layer(
+        gram.taps32, gram.ph, fq, grid[0], grid[1], used.to(torch.uint8), order, min(ESTIMATE_TOP, bsz), start,
         gram.left, CERT_MARGIN, LANCZOS_STEPS, LANCZOS_RETRY, ROUNDS)
+    # kappa: the kernel's Gram error constant, |fl(H) - H| <= kappa |B| |B|^T (c_m for one
+    # column block; ~c of the widest block where blocks are formed apart)
     c_n, c_m = inner_constant(n), inner_constant(m)
     t = trial.double()
     # the kernel bounds the Perron roots of the float32 moduli: (1 + 8 u) covers them
-    cert = (t + c_n * pl * (1 + 8 * U32) + 2 * U32 * t + c_m * pb * (1 + 8 * U32) + TINY) \
+    cert = (t + c_n * pl * (1 + 8 * U32) + 2 * U32 * t + kappa * pb * (1 + 8 * U32) + TINY) \
         * (1 + 1e-12)
     ok = info == 0
     bound = torch.where(ok, cert, torch.full_like(cert, math.inf))
