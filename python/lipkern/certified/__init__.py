@@ -39,9 +39,11 @@ bounded a posteriori, so the result is ``>= sigma`` unconditionally, and within
 ``(1 + CERT_MARGIN)^(1/2)`` (plus ~1e-3 of float32 error terms on 512-channel layers) of the
 exact circular norm once the estimates converged.
 
-**Cost** (ResNet-18, CIFAR): ~``F (8 n^2 m + 4 n^3 / 3)`` float32 flops per layer (F the
-frequencies up to conjugation: 13 for the 512-channel 4x4 layers) against ``4 n m k^2 h w``
-per power iteration; bench/bench_bound.py measures both.
+**Cost** (ResNet-18, CIFAR): ~``F (4.5 n^2 m + 4 n^3 / 3)`` float32 flops per layer (F the
+frequencies up to conjugation: 13 for the 512-channel 4x4 layers; the C++ layer op forms
+the Gram's lower triangle, and a strided conv's phase blocks that depend on one frequency
+axis or none once per key) against ``4 n m k^2 h w`` per power iteration;
+bench/bench_bound.py measures both (bench/NOTES.md, issue 17).
 
 **Gradient** (the implicit rule, as for power iteration): with ``(f*, u, v)`` the frequency
 of the largest estimate and its top singular vectors, held constant,

@@ -18,10 +18,22 @@ result is always a bound; its tightness depends only on the estimate.
 Measured on ResNet-18's 512-channel layers: ``c_n || |L| ||^2 ~ 3e-3 mu`` (the Perron root
 of ``|L|^H |L|`` ~25 mu, against ~390 mu for ``||L||_F^2``).
 
-Two implementations of one step (form S, factor, bound the Perron roots): the C++ kernel
-``lipkern::certify_frequencies`` (csrc/cpu/certified.cpp: lower-triangle GEMM, LAPACK potrf
-called directly, frequencies in parallel) for CPU tensors when the extension is built, and
-batched ATen (``torch.linalg.cholesky_ex``) otherwise (any device).
+Where the Frobenius bounds are small against mu they replace the Perron roots:
+``|| |L| ||^2 <= ||L||_F^2 <= n mu / (1 - c_n)`` (``tr(L L^H) = tr(S + E)``) for n <= 128,
+and ``|| |B| ||^2 <= ||B||_F^2 <= tr fl(H) / (1 - kappa)`` where that costs <= mu / 32
+(csrc/cpu/certified.cpp has the argument and the measured costs).
+
+Three implementations:
+
+* ``certify_cpp``: the whole layer in one C++ call, ``lipkern::certify_layer``
+  (csrc/cpu/certified.cpp): the A_f formed in batches, the Gram by lower-triangle GEMM
+  (column blocks that do not depend on every frequency axis -- polyphase phases of strided
+  convs -- formed once per key and added), Lanczos estimates on the top frequencies, one
+  shared first trial raised by the retries, LAPACK potrf, frequencies on a dynamic schedule.
+  The default for CPU tensors when the extension is built.
+* ``certify`` with the C++ step ``lipkern::certify_frequencies`` / ``certify_taps`` (given
+  H_f or B_f; the spatial path's Gram matrices), and with batched ATen
+  (``torch.linalg.cholesky_ex``, any device, backend "torch" and "triton").
 """
 from __future__ import annotations
 
