@@ -262,7 +262,7 @@ class ScaledOutputs(Strategy):
 # where "mixed" scales a layer's outputs rather than dividing its weight: output elements per
 # step below this many times the weight's elements (see the rule in Mixed's docstring and
 # bench/NOTES.md, "Issue 16")
-SCALE_OUTPUTS_BELOW = 1.0
+SCALE_OUTPUTS_BELOW = 0.5
 
 
 class Mixed(ScaledOutputs):
