@@ -339,11 +339,17 @@ class Mixed(ScaledOutputs):
 
     def weight(self, group, i, w):
         cur = self.cur
+        if self.scaled_ok and group.coeff is None and group.dims[i] == 0 and \
+                w.dtype in (torch.float32, torch.float64) and \
+                not torch.compiler.is_compiling():
+            # the same function, a first-order backward with fewer weight passes (scaled_ok:
+            # autocast is off, so no context to disable it: ~10 us per layer and forward)
+            return divided_fast(group.layout.geoms[i], w, cur.sigma_list[i], cur.u_list[i],
+                                cur.x_list[i], group.specs[i] is None, cur.unit(i))
         with torch.autocast(w.device.type, enabled=False):
             if group.coeff is None and group.dims[i] == 0 and \
                     w.dtype in (torch.float32, torch.float64) and \
                     not torch.compiler.is_compiling():
-                # the same function, a first-order backward with fewer weight passes
                 return divided_fast(group.layout.geoms[i], w, cur.sigma_list[i],
                                     cur.u_list[i], cur.x_list[i], group.specs[i] is None,
                                     cur.unit(i))
