@@ -25,8 +25,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..backends import load_ext, resolve_backend
+from ..backends import choose_backend, load_ext, resolve_backend
 from ..layout import PowerIterState
+from ..result import PowerIterResult
 from ..ops import sn_linear as _sn_linear  # noqa: F401  (registers lipkern::sn_linear's fakes)
 from ..power_iter import fused_normalize
 from .divided_weight import (ScaledLayerExact, divided, divided_fast, scale_of, sigma_fast,
@@ -103,12 +104,15 @@ class FusedSigmas:
     way, and every derivative order stays exact."""
 
     def __init__(self, group, sigmas: torch.Tensor, state: PowerIterState):
-        lay = group.layout
+        sizes = group.__dict__.get("_split_sizes")
+        if sizes is None:  # fixed while the group lives (its layout is)
+            sizes = group._split_sizes = ([g.y_numel for g in group.layout.geoms],
+                                          [g.x_numel for g in group.layout.geoms])
         self.sigmas = sigmas
         group.last_sigmas = sigmas.detach()  # for lipkern.nn.sigmas(model)
         self.sigma_list = sigmas.detach().unbind(0)
-        self.u_list = state.u.split([g.y_numel for g in lay.geoms])
-        self.x_list = state.x.split([g.x_numel for g in lay.geoms])
+        self.u_list = state.u.split(sizes[0])
+        self.x_list = state.x.split(sizes[1])
         self.group, self.state = group, state
         self.packed = packed_ok(group, state.x)
         self._units: Optional[dict] = None
@@ -300,7 +304,9 @@ class Mixed(ScaledOutputs):
         n_iters = group.n_power_iterations if training else 0
         op_weights = [group.op_weight(i, w) for i, w in enumerate(originals)]
         with torch.no_grad():  # every layer takes its sigma gradient itself
-            res = group.run(op_weights, group.v, group.u, group.specs, n_iters)
+            res = direct_call(group, op_weights, n_iters)
+            if res is None:
+                res = group.run(op_weights, group.v, group.u, group.specs, n_iters)
         group.count_call()
         if training:
             store_state(res.state, group.v, group.u)
@@ -358,6 +364,29 @@ class Mixed(ScaledOutputs):
                                cur.x_list[i], group.specs[i] is None, group.dims[i],
                                cur.unit(i))
             return divided(w, scale_of(sigma, group.coeff))
+
+
+def direct_call(group, weights: List[torch.Tensor], n_iters: int) -> Optional[PowerIterResult]:
+    """The fused call of a no-grad "mixed" forward straight into ``lipkern::power_iter_ext``
+    (the C++ kernel), or None where :meth:`SpectralNormGroup.run` must take it (another
+    backend, a dtype or device the kernel does not take as is, torch.compile, vmap).
+    The same op, inputs and result as ``group.run``; skipped: fused_power_iter's per-call
+    validation (the group's layout is fixed at registration, and the kernel checks every
+    weight's size against it) and the Python layer of the op's autograd registration (no
+    gradient is asked for here). Measured: ~0.15-0.3 ms of Python per model forward."""
+    w = weights[0]
+    if w.device.type != "cpu" or w.dtype not in (torch.float32, torch.float64) or \
+            torch.compiler.is_compiling() or _in_vmap(w) or _in_vmap(group.v):
+        return None
+    v, u = group.v, group.u
+    if v.dtype != w.dtype or u.dtype != w.dtype or not (v.is_contiguous() and u.is_contiguous()):
+        return None
+    if choose_backend(group.backend, group.layout, w.device, w.dtype) != "cpp":
+        return None
+    with torch._C._AutoDispatchBelowAutograd():
+        sigmas, lip, log_lip, x, u_new = torch.ops.lipkern.power_iter_ext(
+            weights, v, u, group.layout.meta, n_iters, float(group.eps), -1.0)
+    return PowerIterResult(sigmas, lip, log_lip, PowerIterState(x, u_new, group.layout.meta))
 
 
 def out_numel(module: nn.Module, x: torch.Tensor) -> int:
