@@ -14,6 +14,7 @@ or a 4-D kernel), ``u`` (y_numel,), ``x`` (x_numel,); returns 0-d in the compute
 """
 from __future__ import annotations
 
+import math
 from typing import Optional
 
 import torch
@@ -90,34 +91,48 @@ class DividedBySigma(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, w, sigma, data):
-        s = sigma.detach().to(w.dtype)
-        ctx.save_for_backward(w, s)
-        ctx.sigma, ctx.data = sigma, data
+        s = sigma if sigma.dtype == w.dtype else sigma.to(w.dtype)  # a constant: no grad
+        ctx.save_for_backward(w)
+        ctx.s, ctx.sigma, ctx.data = s, sigma, data
         return w / s
 
     @staticmethod
     def backward(ctx, g):
-        w, s = ctx.saved_tensors
+        w, = ctx.saved_tensors
+        s = ctx.s
         geom, u, x, matrix, unit = ctx.data
         if torch.is_grad_enabled():  # create_graph=True: the composite, again differentiable
             with torch.enable_grad():
                 y = divided(w, sigma_fast(geom, w, ctx.sigma, u, x, matrix, 0, unit))
                 gw, = torch.autograd.grad(y, w, g, create_graph=True)
             return gw, None, None
-        c = torch.vdot(g.reshape(-1), w.reshape(-1)).div_(s * s).neg_()
         if matrix:
-            # g * (1 / sigma) + c u x^T in one pass (addr's beta): within an ulp of g / sigma
-            # (1 thread, 147k weights in a 10-layer model: saves a read and write of g and an op)
-            out = torch.addr(g.reshape(g.shape[0], -1), u.detach().to(w.dtype) * c,
-                             x.detach().to(w.dtype), beta=1.0 / s.item())
+            # g * (1 / sigma) + c u x^T, c = -<g, W> / sigma^2, in one addr (beta, alpha as
+            # numbers: the scalars cost no ops): within an ulp of g / sigma; three dispatches
+            # (vdot, item, addr) where the composite takes ~12 weight passes
+            sf = s.item()
+            c = -torch.vdot(g.reshape(-1), w.reshape(-1)).item() * _recip(sf * sf)
+            uu = u if u.dtype == w.dtype else u.to(w.dtype)
+            xx = x if x.dtype == w.dtype else x.to(w.dtype)
+            out = torch.addr(g.reshape(g.shape[0], -1), uu.detach(), xx.detach(),
+                             beta=_recip(sf), alpha=c)
             return out.view(w.shape), None, None
         from ..reference import weight_grad
+        c = torch.vdot(g.reshape(-1), w.reshape(-1)).div_(s * s).neg_()
         base = g / s  # keeps g's strides: the in-place term below needs a plain layout
         base = base if base.is_contiguous() else base.contiguous()
         d = unit() if unit is not None else weight_grad(
             geom, x.detach().to(base.dtype), u.detach().to(base.dtype))
         base.view(-1).addcmul_(d.view(-1), c)
         return base, None, None
+
+
+def _recip(v: float) -> float:
+    """1 / v as a float, inf at 0 (as a tensor division gives; Python's raises)."""
+    try:
+        return 1.0 / v
+    except ZeroDivisionError:
+        return math.copysign(math.inf, v)
 
 
 def divided_fast(geom, w: torch.Tensor, sigma: torch.Tensor, u: torch.Tensor,

@@ -54,9 +54,11 @@ class ScaledLayer(torch.autograd.Function):
         if torch.is_grad_enabled():  # create_graph=True
             return _differentiable_backward(ctx, gy, x, w, b, sigma)
         gz = gy / s
-        # <g_z, z> in float32 at least: under autocast z is bf16/fp16 while g_y may not be
-        acc = torch.promote_types(torch.promote_types(gz.dtype, z.dtype), torch.float32)
-        g_sigma = torch.vdot(gz.reshape(-1).to(acc), z.reshape(-1).to(acc)).div_(s).neg_()
+        if gz.dtype == z.dtype and z.dtype in (torch.float32, torch.float64):
+            g_sigma = torch.vdot(gz.reshape(-1), z.reshape(-1)).div_(s).neg_()
+        else:  # <g_z, z> in float32 at least: under autocast z is bf16/fp16, g_y may not be
+            acc = torch.promote_types(torch.promote_types(gz.dtype, z.dtype), torch.float32)
+            g_sigma = torch.vdot(gz.reshape(-1).to(acc), z.reshape(-1).to(acc)).div_(s).neg_()
         need_x, need_w, need_b = ctx.needs_input_grad[:3]
         gx = gw = gb = None
         if ctx.conv is None:
@@ -132,10 +134,11 @@ class dense_rank1:
         return ((self.u * g_sigma).to(dtype)[None], self.v.to(dtype)[None])
 
     def __call__(self, g_sigma: torch.Tensor, gw: torch.Tensor) -> None:
-        uu = (self.u * g_sigma).to(gw.dtype)[:, None]
-        if self.dim == 0:
-            gw.view(gw.shape[0], -1).addmm_(uu, self.v.to(gw.dtype)[None])
+        if self.dim == 0:  # one in-place addr (no host read of g_sigma: also traced)
+            gw.view(gw.shape[0], -1).addr_((self.u * g_sigma).to(gw.dtype),
+                                           self.v.to(gw.dtype))
         else:
+            uu = (self.u * g_sigma).to(gw.dtype)[:, None]
             mat = uu @ self.v.to(gw.dtype)[None]
             gw.add_(mat.view(gw.movedim(self.dim, 0).shape).movedim(0, self.dim))
 
@@ -150,6 +153,6 @@ def operator_rank1(geom, u: torch.Tensor, v: torch.Tensor, unit=None):
         return (weight_grad(geom, v, u) if unit is None else unit()).view(w.shape)
 
     def add(g_sigma: torch.Tensor, gw: torch.Tensor) -> None:
-        gw.add_(full(gw).to(gw.dtype) * g_sigma.to(gw.dtype))
+        gw.addcmul_(full(gw).to(gw.dtype), g_sigma.to(gw.dtype))  # one pass, no temporary
     add.full = full  # the second-order path
     return add

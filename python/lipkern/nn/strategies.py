@@ -52,6 +52,14 @@ def bias(module: nn.Module) -> Optional[torch.Tensor]:
     return module.bias if b is bias else b  # not in _parameters: e.g. parametrized itself
 
 
+def original(module: nn.Module) -> torch.Tensor:
+    """``module.parametrizations.weight.original`` by direct dict lookups (the attribute
+    chain runs three nn.Module.__getattr__: 4.1 us against 0.2, per layer and forward)."""
+    pl = module._modules["parametrizations"]._modules["weight"]
+    t = pl._parameters.get("original")
+    return t if t is not None else pl.original
+
+
 def divide(weight: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
     """weight / sigma, in float32 for half-precision weights (as spectral_norm does)."""
     if weight.dtype in (torch.float16, torch.bfloat16):
@@ -227,7 +235,7 @@ class ScaledOutputs(Strategy):
     def scaled_forward(self, group, i, module, x, conv, exact=False):
         """``layer(x; W) / s + b`` with s = sigma (or ``max(sigma / coeff, 1)``); ``exact``:
         a backward that is itself differentiable (ScaledLayerExact)."""
-        w = module.parametrizations.weight.original
+        w = original(module)
         if conv is not None and x.dim() == w.dim() - 1:  # aten.convolution needs a batch dim
             return self.scaled_forward(group, i, module, x.unsqueeze(0), conv, exact).squeeze(0)
         cur = self.cur
@@ -245,7 +253,7 @@ class ScaledOutputs(Strategy):
                  else operator_rank1(group.layout.geoms[i], u, v, unit))
         if conv is not None and module.padding_mode != "zeros":
             x = F.pad(x, module._reversed_padding_repeated_twice, mode=module.padding_mode)
-        w = module.parametrizations.weight.original
+        b = bias(module)
         if exact:
             geom, ui, xi, matrix = group.layout.geoms[i], cur.u_list[i], cur.x_list[i], \
                 group.specs[i] is None
@@ -253,8 +261,8 @@ class ScaledOutputs(Strategy):
             def sigma_fn(w):
                 return scale_of(sigma_of(geom, group.op_weight(i, w), ui, xi, matrix),
                                 group.coeff)
-            return ScaledLayerExact.apply(x, w, module.bias, sigma, rank1, conv, sigma_fn)
-        return ScaledLayer.apply(x, w, module.bias, sigma, rank1, conv)
+            return ScaledLayerExact.apply(x, w, b, sigma, rank1, conv, sigma_fn)
+        return ScaledLayer.apply(x, w, b, sigma, rank1, conv)
 
     def weight(self, group, i, w):
         return divided(w, scale_of(self.cur.sigmas[i], group.coeff))
@@ -336,7 +344,7 @@ class Mixed(ScaledOutputs):
         if conv is not False and self.scales(group, i, x):
             return self.scaled_forward(group, i, module, x, conv,
                                        exact=not torch.compiler.is_compiling())
-        w = self.weight(group, i, module.parametrizations.weight.original)
+        w = self.weight(group, i, original(module))
         if isinstance(module, nn.Linear):
             return F.linear(x, w, module.bias)
         if not isinstance(module, _TRANSPOSED):
