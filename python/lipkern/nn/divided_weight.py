@@ -109,7 +109,8 @@ class DividedBySigma(torch.autograd.Function):
         # scalars stay tensors (no host read in a training step, tests/test_host_sync.py);
         # g / sigma written straight into a contiguous tensor, and the dot taken on it (a
         # strided g, as double backward gives, then costs no copy)
-        base = torch.div(g, s, out=torch.empty_like(w, memory_format=torch.contiguous_format))
+        base = g / s if g.is_contiguous() else torch.div(
+            g, s, out=torch.empty_like(w, memory_format=torch.contiguous_format))
         c = torch.vdot(base.view(-1), w.reshape(-1)).div_(s).neg_()
         if matrix:  # + c u x^T in place (BLAS ger: 29 us against 104 for an out-of-place addr
             # on a 147k weight, 1 thread)
