@@ -206,6 +206,29 @@ def test_operator_mode_matches_per_layer_operator_mode(loss_fn, strategy, coeff,
             {True, False}
 
 
+@pytest.mark.skipif(lipkern.backends.load_ext() is None, reason="needs lipkern._C")
+@pytest.mark.parametrize("mode", ["matrix", "operator"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_direct_call_is_the_groups_fused_call(mode, dtype):
+    """strategies.direct_call (Mixed's no-grad fused call straight into the C++ op) gives
+    bitwise the result of SpectralNormGroup.run, and declines another backend."""
+    from lipkern.nn.strategies import direct_call
+    base = _critic().to(dtype)
+    x = torch.randn(1, 3, 32, 32, dtype=dtype)
+    for backend, taken in (("auto", True), ("cpp", True), ("torch", False)):
+        m = spectral_norm_model(copy.deepcopy(base), x, mode=mode, backend=backend)
+        g = m._lipkern_spectral_norm
+        ws = [g.op_weight(i, w) for i, w in enumerate(g.originals())]
+        with torch.no_grad():
+            got = direct_call(g, ws, 1)
+            want = g.run(ws, g.v, g.u, g.specs, 1)
+        assert (got is not None) == taken
+        if taken:
+            for a, b in ((got.sigmas, want.sigmas), (got.state.x, want.state.x),
+                         (got.state.u, want.state.u)):
+                assert a.dtype == b.dtype and torch.equal(a, b)
+
+
 @pytest.mark.parametrize("kind", ["matrix", "operator", "operator_unit"])
 def test_divided_by_sigma_equals_the_composite_at_two_orders(kind):
     """DividedBySigma (the divided layers' W / sigma with a leaner first-order backward)

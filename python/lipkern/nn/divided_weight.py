@@ -78,54 +78,58 @@ def sigma_fast(geom, w: torch.Tensor, sigma: torch.Tensor, u: torch.Tensor, x: t
 class DividedBySigma(torch.autograd.Function):
     """``W / sigma(W)`` where ``sigma(W)`` is :class:`SigmaFromVectors` (the fused call's
     value, the constant slope ``dsigma/dW``): the same function and gradients as
-    ``divided(w, sigma_fast(...))``, with a first-order backward of about five weight-sized
-    passes, ``g / sigma + c * dsigma/dW`` with ``c = -<g, W> / sigma^2`` (one dot, and the
-    rank-one or shared-unit term added in place), instead of the ~12 of autograd's
-    DivBackward (``-g * W / sigma^2`` summed), the separate dsigma/dW term and their
-    accumulation. Under ``create_graph=True`` the backward differentiates ``composite(W)``
-    (that very expression) with autograd, so every order stays exact. Inputs: w (float32 or
-    float64, torch's ``dim`` 0), sigma 0-d, add_d(base, c) (adds c * dsigma/dW into base,
-    shaped like w, in place, and returns it), composite (W -> W / sigma(W))."""
+    ``divided(w, sigma_fast(...))``, with a first-order backward of three weight-sized ops
+    and about six passes, ``g / sigma + c * dsigma/dW`` with ``c = -<g, W> / sigma^2``:
+    ``g / sigma`` into a contiguous tensor, one dot on it, then the rank-one ``c u x^T``
+    (matrix: BLAS ger in place) or the shared unit term added in place -- instead of the
+    ~12 passes of autograd's DivBackward (``-g * W / sigma^2`` summed), the separate dsigma/dW
+    term and their accumulation. Under ``create_graph=True`` the backward differentiates that
+    composite with autograd, so every order stays exact. Inputs: w (float32 or float64,
+    torch's ``dim`` 0), sigma 0-d, data = (geom, u, x, matrix, unit) as in
+    :func:`divided_fast` (a tuple, not closures: this runs per layer and forward)."""
 
     @staticmethod
-    def forward(ctx, w, sigma, add_d, composite):
-        s = sigma.detach().to(w.dtype)
-        ctx.save_for_backward(w, s)
-        ctx.add_d, ctx.composite = add_d, composite
+    def forward(ctx, w, sigma, data):
+        s = sigma if sigma.dtype == w.dtype else sigma.to(w.dtype)  # a constant: no grad
+        ctx.save_for_backward(w)
+        ctx.s, ctx.sigma, ctx.data = s, sigma, data
         return w / s
 
     @staticmethod
     def backward(ctx, g):
-        w, s = ctx.saved_tensors
+        w, = ctx.saved_tensors
+        s = ctx.s
+        geom, u, x, matrix, unit = ctx.data
         if torch.is_grad_enabled():  # create_graph=True: the composite, again differentiable
             with torch.enable_grad():
-                gw, = torch.autograd.grad(ctx.composite(w), w, g, create_graph=True)
-            return gw, None, None, None
-        c = torch.vdot(g.reshape(-1), w.reshape(-1)).div_(s * s).neg_()
-        base = g / s  # keeps g's strides: the in-place term below needs a plain layout
-        return ctx.add_d(base if base.is_contiguous() else base.contiguous(), c), None, None, \
-            None
+                y = divided(w, sigma_fast(geom, w, ctx.sigma, u, x, matrix, 0, unit))
+                gw, = torch.autograd.grad(y, w, g, create_graph=True)
+            return gw, None, None
+        # g / sigma + c dsigma/dW, c = -<g, W> / sigma^2 = -<g / sigma, W> / sigma: the
+        # scalars stay tensors (no host read in a training step, tests/test_host_sync.py);
+        # g / sigma written straight into a contiguous tensor, and the dot taken on it (a
+        # strided g, as double backward gives, then costs no copy)
+        base = g / s if g.is_contiguous() else torch.div(
+            g, s, out=torch.empty_like(w, memory_format=torch.contiguous_format))
+        c = torch.vdot(base.view(-1), w.reshape(-1)).div_(s).neg_()
+        if matrix:  # + c u x^T in place (BLAS ger: 29 us against 104 for an out-of-place addr
+            # on a 147k weight, 1 thread)
+            uu = u if u.dtype == w.dtype else u.to(w.dtype)
+            xx = x if x.dtype == w.dtype else x.to(w.dtype)
+            base.view(base.shape[0], -1).addr_(uu.detach() * c, xx.detach())
+            return base, None, None
+        from ..reference import weight_grad
+        d = unit() if unit is not None else weight_grad(
+            geom, x.detach().to(base.dtype), u.detach().to(base.dtype))
+        base.view(-1).addcmul_(d.view(-1), c)
+        return base, None, None
 
 
 def divided_fast(geom, w: torch.Tensor, sigma: torch.Tensor, u: torch.Tensor,
                  x: torch.Tensor, matrix: bool, unit=None) -> torch.Tensor:
     """``divided(w, sigma_fast(geom, w, sigma, u, x, matrix, 0, unit))`` through
     :class:`DividedBySigma` (weights of torch's ``dim`` 0, float32/float64, no coeff)."""
-    from ..reference import weight_grad
-
-    def add_d(base, c):
-        if matrix:  # + c u x^T, in place (a K=1 GEMM)
-            base.view(base.shape[0], -1).addr_(u.detach().to(base.dtype) * c,
-                                               x.detach().to(base.dtype))
-        else:
-            d = unit() if unit is not None else weight_grad(
-                geom, x.detach().to(base.dtype), u.detach().to(base.dtype))
-            base.view(-1).addcmul_(d.view(-1), c)
-        return base
-
-    def composite(w):
-        return divided(w, sigma_fast(geom, w, sigma, u, x, matrix, 0, unit))
-    return DividedBySigma.apply(w, sigma, add_d, composite)
+    return DividedBySigma.apply(w, sigma, (geom, u, x, matrix, unit))
 
 
 def scale_of(sigma: torch.Tensor, coeff: Optional[float]) -> torch.Tensor:

@@ -37,8 +37,13 @@ class ScaledLayer(torch.autograd.Function):
         s = sigma if sigma.dtype == z.dtype else sigma.to(z.dtype)
         if b is None:
             y = z / s
-        else:  # b + z / s in one op
-            y = torch.addcdiv(b if conv is None else b.view(-1, *([1] * (z.dim() - 2))), z, s)
+        else:  # b + z / s
+            bv = b if conv is None else b.view(-1, *([1] * (z.dim() - 2)))
+            # float32/64: two ops with addcdiv's roundings (bitwise equal), ~3x faster than its
+            # broadcast of a conv bias (131k outputs at 8x8: 44 us against 135, 1 thread,
+            # bench/NOTES.md); half precision: addcdiv's one rounding of the float sum
+            y = (z / s).add_(bv) if z.dtype in (torch.float32, torch.float64) else \
+                torch.addcdiv(bv, z, s)
         ctx.save_for_backward(x, w, z, s, b, sigma)
         ctx.rank1, ctx.conv, ctx.has_b = rank1, conv, b is not None
         return y
@@ -49,9 +54,11 @@ class ScaledLayer(torch.autograd.Function):
         if torch.is_grad_enabled():  # create_graph=True
             return _differentiable_backward(ctx, gy, x, w, b, sigma)
         gz = gy / s
-        # <g_z, z> in float32 at least: under autocast z is bf16/fp16 while g_y may not be
-        acc = torch.promote_types(torch.promote_types(gz.dtype, z.dtype), torch.float32)
-        g_sigma = torch.vdot(gz.reshape(-1).to(acc), z.reshape(-1).to(acc)).div_(s).neg_()
+        if gz.dtype == z.dtype and z.dtype in (torch.float32, torch.float64):
+            g_sigma = torch.vdot(gz.reshape(-1), z.reshape(-1)).div_(s).neg_()
+        else:  # <g_z, z> in float32 at least: under autocast z is bf16/fp16, g_y may not be
+            acc = torch.promote_types(torch.promote_types(gz.dtype, z.dtype), torch.float32)
+            g_sigma = torch.vdot(gz.reshape(-1).to(acc), z.reshape(-1).to(acc)).div_(s).neg_()
         need_x, need_w, need_b = ctx.needs_input_grad[:3]
         gx = gw = gb = None
         if ctx.conv is None:
@@ -127,10 +134,11 @@ class dense_rank1:
         return ((self.u * g_sigma).to(dtype)[None], self.v.to(dtype)[None])
 
     def __call__(self, g_sigma: torch.Tensor, gw: torch.Tensor) -> None:
-        uu = (self.u * g_sigma).to(gw.dtype)[:, None]
-        if self.dim == 0:
-            gw.view(gw.shape[0], -1).addmm_(uu, self.v.to(gw.dtype)[None])
+        if self.dim == 0:  # one in-place addr (no host read of g_sigma: also traced)
+            gw.view(gw.shape[0], -1).addr_((self.u * g_sigma).to(gw.dtype),
+                                           self.v.to(gw.dtype))
         else:
+            uu = (self.u * g_sigma).to(gw.dtype)[:, None]
             mat = uu @ self.v.to(gw.dtype)[None]
             gw.add_(mat.view(gw.movedim(self.dim, 0).shape).movedim(0, self.dim))
 
@@ -145,6 +153,6 @@ def operator_rank1(geom, u: torch.Tensor, v: torch.Tensor, unit=None):
         return (weight_grad(geom, v, u) if unit is None else unit()).view(w.shape)
 
     def add(g_sigma: torch.Tensor, gw: torch.Tensor) -> None:
-        gw.add_(full(gw).to(gw.dtype) * g_sigma.to(gw.dtype))
+        gw.addcmul_(full(gw).to(gw.dtype), g_sigma.to(gw.dtype))  # one pass, no temporary
     add.full = full  # the second-order path
     return add
