@@ -119,6 +119,24 @@ LIPKERN_CLONES double perron_upper(const float* m, int rows, int cols, bool lowe
 // slower here; the scaled entries are O(1), no overflow), inside the caller's (1 + 8 u)
 static inline float modulus(cf z) { return std::sqrt(z.real() * z.real() + z.imag() * z.imag()); }
 
+// || |B| ||^2 >= Perron bound for B (n x m row-major complex)
+LIPKERN_CLONES double perron_of_side(const cf* bbuf, int n, int m, std::vector<float>& absm) {
+  absm.resize(static_cast<size_t>(n) * m);
+  for (int64_t k = 0; k < static_cast<int64_t>(n) * m; ++k) absm[k] = modulus(bbuf[k]);
+  return perron_upper(absm.data(), m, n, false);
+}
+
+// || |L| ||^2 >= Perron bound for the lower triangle of the factored s (n x n column-major)
+LIPKERN_CLONES double perron_of_lower(const std::vector<cf>& s, int n, std::vector<float>& absm) {
+  absm.resize(static_cast<size_t>(n) * n);
+  for (int j = 0; j < n; ++j)
+    for (int i = j; i < n; ++i) {
+      const int64_t k = i + static_cast<int64_t>(j) * n;
+      absm[k] = modulus(s[k]);
+    }
+  return perron_upper(absm.data(), n, n, true);
+}
+
 // One frequency: S = mu I - B B^H (or mu I - conj(H)) into s (n x n, column-major lower),
 // its Perron bound of |B| into *pb (not for a given H), potrf, and the Perron bound of |L|
 // into *pl where it completed. bf: B row-major (n x m) = column-major Bc (m x n), or H.
@@ -141,22 +159,12 @@ int certify_one(const Lapack& lp, const cf* bf, int n, int m, bool is_gram, floa
               bf + static_cast<int64_t>(j0) * m, &m, &beta,
               s.data() + j0 + static_cast<int64_t>(j0) * n, &n);
     }
-    absm.resize(static_cast<size_t>(n) * m);
-    for (int64_t k = 0; k < static_cast<int64_t>(n) * m; ++k) absm[k] = modulus(bf[k]);
-    *pb = perron_upper(absm.data(), m, n, false);
+    *pb = perron_of_side(bf, n, m, absm);
   }
   for (int j = 0; j < n; ++j) s[j + static_cast<int64_t>(j) * n] += cf(muf, 0.f);
   int inf = 0;
   lp.potrf("L", &n, s.data(), &n, &inf);
-  if (inf == 0) {
-    absm.resize(static_cast<size_t>(n) * n);
-    for (int j = 0; j < n; ++j)
-      for (int i = j; i < n; ++i) {
-        const int64_t k = i + static_cast<int64_t>(j) * n;
-        absm[k] = modulus(s[k]);
-      }
-    *pl = perron_upper(absm.data(), n, n, true);
-  }
+  if (inf == 0) *pl = perron_of_lower(s, n, absm);
   return inf;
 }
 
@@ -632,11 +640,6 @@ LIPKERN_CLONES double tap_abs_sq(const float* tp, int64_t gr, int nq, int64_t e_
   return acc * (1.0 + (2.0 * nq + 4.0) * u);
 }
 
-LIPKERN_CLONES double perron_of_side(const std::vector<cf>& bbuf, int n, int m, std::vector<float>& absm) {
-  absm.resize(static_cast<size_t>(n) * m);
-  for (int64_t k = 0; k < static_cast<int64_t>(n) * m; ++k) absm[k] = modulus(bbuf[k]);
-  return perron_upper(absm.data(), m, n, false);
-}
 
 // Factor mu I - G (G in gram_blocks layout, lower part read) in s; the Perron bound of |L|
 // into *pl where it completed. Returns potrf's info.
@@ -656,13 +659,7 @@ LIPKERN_CLONES int factor_shifted(const Lapack& lp, const cf* g, int n, float mu
   if (inf == 0 && !perron) {
     *pl = n * static_cast<double>(muf) * (1.0 + 1e-12) / (1.0 - inner_constant(n));
   } else if (inf == 0) {
-    absm.resize(static_cast<size_t>(n) * n);
-    for (int j = 0; j < n; ++j)
-      for (int i = j; i < n; ++i) {
-        const int64_t k = i + static_cast<int64_t>(j) * n;
-        absm[k] = modulus(s[k]);
-      }
-    *pl = perron_upper(absm.data(), n, n, true);
+    *pl = perron_of_lower(s, n, absm);
   }
   return inf;
 }
@@ -895,12 +892,12 @@ certify_layer_cpu(const at::Tensor& taps_in, const at::Tensor& ph_in,
       double v = cpb[sl].load();
       if (v < 0) {  // first request (two threads may both make it: the same value)
         const int inner = form_cached(sl, cbuf, cacc, ctmp);
-        v = perron_of_side(cbuf[0], n, inner, absm);
+        v = perron_of_side(cbuf[0].data(), n, inner, absm);
         cpb[sl].store(v);
       }
       pbj += v;
     }
-    return std::min(trb, pbj + perron_of_side(buf, n, m_f, absm));
+    return std::min(trb, pbj + perron_of_side(buf.data(), n, m_f, absm));
   };
   auto batch_end = [&](int64_t pos, int64_t stop) {  // consecutive ids of one group
     int64_t e = pos + 1;  // (positions < nk are the kept ones; batches never mix the two)
