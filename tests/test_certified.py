@@ -412,3 +412,52 @@ def test_layer_op_from_two_python_threads():
     [t.join() for t in th]
     for a, b in zip(out, serial):
         assert torch.equal(a, b)
+
+
+@_LAYER_OP
+@pytest.mark.parametrize("ch", [64, 128, 130, 256])
+def test_layer_op_cholesky_paths_and_lowered_trial(ch):
+    """n <= 128: the op's own Cholesky (cholesky_lower); above: LAPACK; 128 < n <= ~360: the
+    first trial lowered by the Frobenius term of |L| (trial_below). Each is >= the exact
+    circular norm (the reference's SVD per frequency) and within the margin plus its float32
+    terms of it; the float32 factorization agrees with the float64 one on which matrices are
+    positive definite (same bound as the ATen path within the margin)."""
+    g = torch.Generator().manual_seed(ch)
+    w = torch.randn(ch, ch, 3, 3, generator=g) / ch
+    spec = ConvSpec(4, padding=1)
+    cpp = float(lipkern.certified_sigma([w], [spec], backend="cpp",
+                                        generator=torch.Generator().manual_seed(1))[0])
+    ref = float(ref_certified([w], [spec])[0])
+    assert ref * (1 - 1e-12) <= cpp <= ref * math.sqrt(1 + CERT_MARGIN) * (1 + 5e-3), (cpp, ref)
+    ato = float(lipkern.certified_sigma([w], [spec], backend="torch",
+                                        generator=torch.Generator().manual_seed(1))[0])
+    assert abs(cpp / ato - 1) < 0.02, (cpp, ato)
+
+
+@_LAYER_OP
+def test_layer_op_bound_does_not_depend_on_the_thread_count(monkeypatch):
+    """Frequencies whose first trial fails are retried together at one trial per round, so
+    the bound is the same with 1 and 2 threads (with one retry raising a shared trial it
+    depended on which thread met which frequency first). Forced retries: one Lanczos step on
+    one frequency."""
+    import sys
+    cert_mod = sys.modules["lipkern.certified.certify"]
+    monkeypatch.setattr(cert_mod, "LANCZOS_STEPS", 1)
+    monkeypatch.setattr(cert_mod, "ESTIMATE_TOP", 1)
+    torch.manual_seed(5)
+    ws = [torch.randn(32, 32, 3, 3), torch.randn(48, 24, 3, 3), torch.randn(160, 160, 3, 3)]
+    specs = [ConvSpec(12, padding=1), ConvSpec(10, stride=2, padding=1), ConvSpec(4, padding=1)]
+    threads = torch.get_num_threads()
+    try:
+        out = []
+        for nt in (1, 2, 1, 2):
+            torch.set_num_threads(nt)
+            out.append(lipkern.certified_sigma(ws, specs, backend="cpp",
+                                               generator=torch.Generator().manual_seed(0)))
+    finally:
+        torch.set_num_threads(threads)
+    for o in out[1:]:
+        assert torch.equal(o, out[0]), (o, out[0])
+    ref = ref_certified(ws, specs)
+    assert bool((out[0].double() >= ref * (1 - 1e-12)).all())
+    assert bool((out[0].double() <= ref * 1.2).all())

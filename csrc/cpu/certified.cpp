@@ -46,17 +46,24 @@ using gemm_t = void (*)(const char*, const char*, const int*, const int*, const 
                         cf*, const int*);
 using potrf_t = void (*)(const char*, const int*, cf*, const int*, int*);
 
-// The element-wise loops (moduli, Perron steps, forming A_f) compiled for AVX-512, AVX2 and
-// the baseline, chosen at load time (GCC's ifunc; the build itself targets the baseline)
-#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__)
+// The element-wise loops (moduli, Perron steps, forming A_f, the small Cholesky) compiled
+// for the x86-64 levels v4 (AVX-512) and v3 (AVX2 + FMA) and the baseline, chosen at load
+// time by the CPU's features (GCC's ifunc; the build itself targets the baseline). Not
+// "arch=skylake-avx512" / "arch=haswell": those dispatch on the CPU model, and a VM that
+// reports a generic "Intel Xeon Processor" got the baseline (measured here: the small
+// Cholesky 41 us against 11 us at n = 64). Loop indices are 64-bit: Python's -fwrapv makes
+// 32-bit index arithmetic wrap, which stops the vectorizer (3x on the same loop).
+#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && __GNUC__ >= 12
 #define LIPKERN_CLONES \
-  __attribute__((target_clones("arch=skylake-avx512", "arch=haswell", "default")))
+  __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
 #else
 #define LIPKERN_CLONES
 #endif
 
 constexpr int kBlock = 64;      // block-column width of the lower-triangle GEMM
-constexpr int kPerronIters = 3;  // power steps before the Collatz-Wielandt ratio
+constexpr int kPerronIters = 3;   // power steps before the Collatz-Wielandt ratio
+constexpr int kFormCols = 64;     // columns of A_f summed at once in form_blocks
+constexpr int kOwnCholesky = 128; // cholesky_lower up to this n, LAPACK potrf above
 
 struct Lapack {
   gemm_t gemm = nullptr;
@@ -93,12 +100,12 @@ LIPKERN_CLONES double perron_upper(const float* m, int rows, int cols, bool lowe
   std::vector<float> x(cols, 1.f), t(rows), y(cols);
   auto apply = [&]() {
     std::fill(t.begin(), t.end(), 0.f);
-    for (int j = 0; j < cols; ++j) {
+    for (int64_t j = 0; j < cols; ++j) {
       const float* col = m + static_cast<int64_t>(j) * rows;
       const float xj = x[j];
-      for (int i = lower_only ? j : 0; i < rows; ++i) t[i] += col[i] * xj;
+      for (int64_t i = lower_only ? j : 0; i < rows; ++i) t[i] += col[i] * xj;
     }
-    for (int j = 0; j < cols; ++j)
+    for (int64_t j = 0; j < cols; ++j)
       y[j] = dot_from(m + static_cast<int64_t>(j) * rows, t.data(), lower_only ? j : 0, rows);
   };
   for (int it = 0; it < kPerronIters; ++it) {
@@ -106,11 +113,11 @@ LIPKERN_CLONES double perron_upper(const float* m, int rows, int cols, bool lowe
     float mx = 0.f;
     for (float v : y) mx = std::max(mx, v);
     if (!(mx > 0.f)) return 0.0;  // M = 0
-    for (int j = 0; j < cols; ++j) x[j] = std::max(y[j] / mx, 1e-6f);
+    for (int64_t j = 0; j < cols; ++j) x[j] = std::max(y[j] / mx, 1e-6f);
   }
   apply();
   double r = 0.0;
-  for (int j = 0; j < cols; ++j) r = std::max(r, static_cast<double>(y[j]) / x[j]);
+  for (int64_t j = 0; j < cols; ++j) r = std::max(r, static_cast<double>(y[j]) / x[j]);
   const double u = 5.9604644775390625e-08;  // 2^-24
   return r * (1.0 + (2.0 * rows + 4.0) * u);
 }
@@ -129,8 +136,8 @@ LIPKERN_CLONES double perron_of_side(const cf* bbuf, int n, int m, std::vector<f
 // || |L| ||^2 >= Perron bound for the lower triangle of the factored s (n x n column-major)
 LIPKERN_CLONES double perron_of_lower(const std::vector<cf>& s, int n, std::vector<float>& absm) {
   absm.resize(static_cast<size_t>(n) * n);
-  for (int j = 0; j < n; ++j)
-    for (int i = j; i < n; ++i) {
+  for (int64_t j = 0; j < n; ++j)
+    for (int64_t i = j; i < n; ++i) {
       const int64_t k = i + static_cast<int64_t>(j) * n;
       absm[k] = modulus(s[k]);
     }
@@ -292,11 +299,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> certify_taps_cpu(
 // certify_cpp): the estimate, the Gram matrices and the certificate without a round trip.
 //   1. for the frequencies in `top` (largest traces): form B_f, its Gram (lower blocks,
 //      kept), the Perron bound of |B_f| and a Lanczos estimate of lambda_max;
-//   2. mu = (largest estimate) (1 + margin); for every frequency (in parallel): the Gram
-//      (kept from 1 or formed here), the Cholesky factorization of mu I - H_f and the Perron
-//      bound of |L|; a frequency whose factorization fails gets a Lanczos estimate of its
-//      own (retry_steps) and a larger trial (the estimate's, or the failed trial grown by
-//      the margin x 4 per round), up to `rounds` trials.
+//   2. mu = (largest estimate) (1 + margin), one trial for every frequency (in parallel,
+//      the formed ones first, guided chunks): the Gram (kept from 1 or formed here), the
+//      Cholesky factorization of mu I - H_f and the bound of |L| (Frobenius where it costs
+//      <= 1/256 of mu; for n <= ~360 first at a trial lowered by the Frobenius term, which
+//      certifies no more than mu and skips the Perron steps; else Perron);
+//   3. the frequencies that failed (their estimate was low), in rounds: each estimated
+//      further (retry_steps of Lanczos), then all factored at one trial (the largest of
+//      their estimates x (1 + margin) and the last trial grown by the margin x 4 per round),
+//      up to `rounds` trials. One trial per round for all: the bound does not depend on
+//      which thread met which frequency first (it did when each retry raised a shared trial).
 // Only the trial values, the factorizations' success and the Perron bounds are certified
 // quantities; the estimates only choose the trials (a low estimate costs a round, never a
 // wrong bound).
@@ -320,25 +332,20 @@ void gram_blocks(const Lapack& lp, const cf* bf, int n, int m, cf* g, bool accum
   }
 }
 
-// g += h over the region gram_blocks writes (the diagonal blocks and the blocks below).
-// g (+)= h or conj(h) over the region gram_blocks writes (the diagonal blocks and the blocks
-// below); add: false copies.
-LIPKERN_CLONES void add_blocks(const cf* h, int n, cf* g, bool add, bool conj) {
-  const float sgn = conj ? -1.f : 1.f;
-  for (int j = 0; j < n; ++j) {
+// g += h_1 + ... + h_k (h_c conjugated where conj[c]) over the region gram_blocks writes,
+// column by column (a column of g stays in L1 across the k sources), each element's sum in
+// the order c = 1..k: the same values as k passes adding one h_c at a time
+LIPKERN_CLONES void add_cached(const cf* const* hs, const char* conj, int k, int n, cf* g) {
+  for (int64_t j = 0; j < n; ++j) {
     const int64_t c0 = static_cast<int64_t>(j) * n + (j / kBlock) * kBlock;
-    const float* a = reinterpret_cast<const float*>(h + c0);
     float* b = reinterpret_cast<float*>(g + c0);
     const int64_t len = n - (j / kBlock) * kBlock;
-    if (add) {
+    for (int64_t c = 0; c < k; ++c) {
+      const float* a = reinterpret_cast<const float*>(hs[c] + c0);
+      const float sgn = conj[c] ? -1.f : 1.f;
       for (int64_t i = 0; i < len; ++i) {
         b[2 * i] += a[2 * i];
         b[2 * i + 1] += sgn * a[2 * i + 1];
-      }
-    } else {
-      for (int64_t i = 0; i < len; ++i) {
-        b[2 * i] = a[2 * i];
-        b[2 * i + 1] = sgn * a[2 * i + 1];
       }
     }
   }
@@ -402,6 +409,46 @@ double inner_constant(int m) {
 // (~8% of those layers' time); |L| is not (~6% against 0.3%).
 constexpr double kFrobeniusShareL = 1.0 / 256.0;
 constexpr double kFrobeniusShareB = 1.0 / 32.0;
+
+// || |L| ||_2^2 <= ||L||_F^2 <= tr S / (1 - c_n) for the factor L of S (L L^H = S + E,
+// |E| <= c_n |L| |L|^H: tr E <= c_n ||L||_F^2), tr S summed in double from S's float
+// diagonal (n terms: <= (n + 2) 2^-53 relative, inside the 1e-12 for n <= 4e3, and the
+// factor below for any n)
+double frobenius_lower(double tr_s, int n) {
+  return std::max(tr_s, 0.0) * (1.0 + 1e-12 + (n + 2) * 1.1102230246251565e-16) /
+         (1.0 - inner_constant(n));
+}
+
+// sum_i fl(H)_ii in double (the trial_below input: a choice, not a bound)
+double trace_of(const cf* g, int n) {
+  double t = 0.0;
+  for (int i = 0; i < n; ++i) t += static_cast<double>(g[i + static_cast<int64_t>(i) * n].real());
+  return t;
+}
+
+// The trial t' <= t whose Frobenius certificate t' + c_n tr(t' I - H) / (1 - c_n) equals t
+// (tr H: trace_of): a frequency far enough below t passes at t' without the Perron steps of
+// |L| and certifies no more than t itself would (a choice of trial: any t' is sound)
+double trial_below(double t, double tr_h, int n) {
+  const double c = inner_constant(n);
+  return std::min(t, (t * (1.0 - c) + c * tr_h) / (1.0 - c + c * n));
+}
+
+// The next chunk [b, b + *cnt) of [0, n) from the shared counter: *cnt = remaining / (2
+// threads), within [1, cap] (guided: large chunks first, single items at the end). Returns
+// n when none is left.
+int64_t grab_chunk(std::atomic<int64_t>& next, int64_t n, int64_t cap, int64_t* cnt) {
+  const int64_t nth = std::max<int64_t>(1, at::get_num_threads());
+  int64_t cur = next.load();
+  while (cur < n) {
+    const int64_t want = std::max<int64_t>(1, std::min<int64_t>(cap, (n - cur) / (2 * nth)));
+    if (next.compare_exchange_weak(cur, cur + want)) {
+      *cnt = want;
+      return cur;
+    }
+  }
+  return n;
+}
 
 // sum_i fl(H)_ii / (1 - kappa), rounded up: >= ||B||_F^2 (kappa: the Gram's constant,
 // |fl(H) - H| <= kappa |B| |B|^T, whose diagonal is H's own)
@@ -581,29 +628,41 @@ LIPKERN_CLONES void form_blocks(const float* tg, const float* php, int nq, int c
                                 int m_f, std::vector<std::vector<cf>>& out,
                                 std::vector<float>& acc) {
   const int64_t e_len = static_cast<int64_t>(co) * cip;
-  for (int o = 0; o < co; ++o) {
-    for (int j = 0; j < nb; ++j) {
+  for (int64_t o = 0; o < co; ++o) {
+    for (int64_t j = 0; j < nb; ++j) {
       const float* pf = php + fs[j] * nq * 2;
       float* b = reinterpret_cast<float*>(out[j].data() + static_cast<int64_t>(o) * m_f);
       int off = 0;
       for (const Block* bl : blks) {
+        // chunks of kFormCols columns summed in local arrays (registers / L1), each
+        // entry's sum in tap order, stored interleaved (re, im)
         const int nc = bl->ncols;
-        acc.resize(2 * static_cast<size_t>(nc));
-        float* r = acc.data();
-        float* im = acc.data() + nc;
-        for (int c = 0; c < nc; ++c) r[c] = im[c] = 0.f;
-        for (int q : bl->taps) {
-          const float* t = tg + q * e_len + static_cast<int64_t>(o) * cip + bl->col0;
-          const float cs = pf[2 * q], sn = pf[2 * q + 1];
-          for (int c = 0; c < nc; ++c) {
-            r[c] += t[c] * cs;
-            im[c] += t[c] * sn;
-          }
-        }
         float* bo = b + 2 * off;
-        for (int c = 0; c < nc; ++c) {
-          bo[2 * c] = r[c];
-          bo[2 * c + 1] = im[c];
+        for (int c0 = 0; c0 < nc; c0 += kFormCols) {
+          const int w = std::min(kFormCols, nc - c0);
+          float r[kFormCols], im[kFormCols];
+          for (int64_t c = 0; c < kFormCols; ++c) r[c] = im[c] = 0.f;
+          for (int q : bl->taps) {
+            const float* __restrict t =
+                tg + q * e_len + static_cast<int64_t>(o) * cip + bl->col0 + c0;
+            const float cs = pf[2 * q], sn = pf[2 * q + 1];
+            if (w == kFormCols) {
+              for (int64_t c = 0; c < kFormCols; ++c) {
+                r[c] += t[c] * cs;
+                im[c] += t[c] * sn;
+              }
+            } else {
+              for (int64_t c = 0; c < w; ++c) {
+                r[c] += t[c] * cs;
+                im[c] += t[c] * sn;
+              }
+            }
+          }
+          float* __restrict d = bo + 2 * c0;
+          for (int64_t c = 0; c < w; ++c) {
+            d[2 * c] = r[c];
+            d[2 * c + 1] = im[c];
+          }
         }
         off += nc;
       }
@@ -628,7 +687,7 @@ LIPKERN_CLONES double tap_abs_sq(const float* tp, int64_t gr, int nq, int64_t e_
     for (int64_t e0 = 0; e0 < e_len; e0 += 1024) {
       const int64_t len = std::min<int64_t>(1024, e_len - e0);
       for (int64_t e = 0; e < len; ++e) sum[e] = 0.f;
-      for (int q = 0; q < nq; ++q) {
+      for (int64_t q = 0; q < nq; ++q) {
         const float* t = tp + (g * nq + q) * e_len + e0;
         for (int64_t e = 0; e < len; ++e) sum[e] += std::fabs(t[e]);
       }
@@ -641,6 +700,73 @@ LIPKERN_CLONES double tap_abs_sq(const float* tp, int64_t gr, int nq, int64_t e_
 }
 
 
+// The Cholesky factorization of the Hermitian n x n matrix whose lower triangle (and the
+// real part of its diagonal) a holds, column-major, interleaved (re, im), in place: as
+// LAPACK potrf("L") reads and writes it (the upper triangle untouched; the diagonal's
+// imaginary parts read as 0). Returns 0, or k + 1 where pivot k is not > 0 (NaN included).
+// For n <= kOwnCholesky: MKL's cpotrf takes 18 / 124 us at n = 64 / 128 here, this 11 / 64
+// (panels of 4 columns: each trailing entry loaded and stored once per panel). Every entry
+// is the standard recurrence l_ij = (a_ij - sum_k l_ik conj(l_jk)) / l_jj in some order of
+// its terms, so the backward error bound the certificate uses (|E| <= c_n |L| |L|^H, any
+// ordering, Higham Thm 10.3) holds as for potrf.
+LIPKERN_CLONES int cholesky_lower(float* __restrict a, int n_) {
+  const int64_t n = n_;
+  const int64_t ld = 2 * n;
+  constexpr int64_t P = 4;
+  for (int64_t k0 = 0; k0 < n; k0 += P) {
+    const int64_t k1 = std::min(n, k0 + P);
+    for (int64_t k = k0; k < k1; ++k) {
+      float* ck = a + k * ld;
+      const float d = ck[2 * k];
+      if (!(d > 0.f)) return static_cast<int>(k + 1);
+      const float l = std::sqrt(d);
+      ck[2 * k] = l; ck[2 * k + 1] = 0.f;
+      for (int64_t i = 2 * (k + 1); i < ld; ++i) ck[i] /= l;  // division: as the analysis
+      for (int64_t j = k + 1; j < k1; ++j) {
+        float* cj = a + j * ld;
+        const float cr = ck[2 * j], ci = ck[2 * j + 1];
+        for (int64_t i = j; i < n; ++i) {
+          const float lr = ck[2 * i], li = ck[2 * i + 1];
+          cj[2 * i] -= lr * cr + li * ci;
+          cj[2 * i + 1] -= li * cr - lr * ci;
+        }
+      }
+    }
+    const int64_t np = k1 - k0;
+    const float* c0 = a + k0 * ld;
+    if (np == P) {
+      const float* c1 = c0 + ld; const float* c2 = c1 + ld; const float* c3 = c2 + ld;
+      for (int64_t j = k1; j < n; ++j) {
+        float* __restrict cj = a + j * ld;
+        const float r0 = c0[2*j], i0 = c0[2*j+1], r1 = c1[2*j], i1 = c1[2*j+1];
+        const float r2 = c2[2*j], i2 = c2[2*j+1], r3 = c3[2*j], i3 = c3[2*j+1];
+        for (int64_t i = j; i < n; ++i) {
+          float re = cj[2*i], im = cj[2*i+1];
+          re -= c0[2*i] * r0 + c0[2*i+1] * i0; im -= c0[2*i+1] * r0 - c0[2*i] * i0;
+          re -= c1[2*i] * r1 + c1[2*i+1] * i1; im -= c1[2*i+1] * r1 - c1[2*i] * i1;
+          re -= c2[2*i] * r2 + c2[2*i+1] * i2; im -= c2[2*i+1] * r2 - c2[2*i] * i2;
+          re -= c3[2*i] * r3 + c3[2*i+1] * i3; im -= c3[2*i+1] * r3 - c3[2*i] * i3;
+          cj[2*i] = re; cj[2*i+1] = im;
+        }
+      }
+    } else {
+      for (int64_t k = k0; k < k1; ++k) {
+        const float* ck = a + k * ld;
+        for (int64_t j = k1; j < n; ++j) {
+          float* cj = a + j * ld;
+          const float cr = ck[2 * j], ci = ck[2 * j + 1];
+          for (int64_t i = j; i < n; ++i) {
+            const float lr = ck[2 * i], li = ck[2 * i + 1];
+            cj[2 * i] -= lr * cr + li * ci;
+            cj[2 * i + 1] -= li * cr - lr * ci;
+          }
+        }
+      }
+    }
+  }
+  return 0;
+}
+
 // Factor mu I - G (G in gram_blocks layout, lower part read) in s; the Perron bound of |L|
 // into *pl where it completed. Returns potrf's info.
 // perron: bound || |L| ||^2 by Collatz-Wielandt, else by the Frobenius bound (see
@@ -649,15 +775,20 @@ LIPKERN_CLONES int factor_shifted(const Lapack& lp, const cf* g, int n, float mu
                                   std::vector<cf>& s, std::vector<float>& absm, double* pl,
                                   bool perron) {
   s.resize(static_cast<size_t>(n) * n);
-  for (int j = 0; j < n; ++j) {
+  double tr_s = 0.0;  // tr S of the matrix factored (its float diagonal, summed in double)
+  for (int64_t j = 0; j < n; ++j) {
     const int64_t c0 = static_cast<int64_t>(j) * n;
-    for (int i = j; i < n; ++i) s[c0 + i] = -g[c0 + i];
+    for (int64_t i = j; i < n; ++i) s[c0 + i] = -g[c0 + i];
     s[c0 + j] += cf(muf, 0.f);
+    tr_s += static_cast<double>(s[c0 + j].real());
   }
   int inf = 0;
-  lp.potrf("L", &n, s.data(), &n, &inf);
+  if (n <= kOwnCholesky)
+    inf = cholesky_lower(reinterpret_cast<float*>(s.data()), n);
+  else
+    lp.potrf("L", &n, s.data(), &n, &inf);
   if (inf == 0 && !perron) {
-    *pl = n * static_cast<double>(muf) * (1.0 + 1e-12) / (1.0 - inner_constant(n));
+    *pl = frobenius_lower(tr_s, n);
   } else if (inf == 0) {
     *pl = perron_of_lower(s, n, absm);
   }
@@ -712,7 +843,7 @@ certify_layer_cpu(const at::Tensor& taps_in, const at::Tensor& ph_in,
   const int64_t nk = n_top;
   const int nq = static_cast<int>(taps.size(1));
   const int co = static_cast<int>(taps.size(2)), cip = static_cast<int>(taps.size(3));
-  const int n = left ? co : cip, m = left ? cip : co;
+  const int n = left ? co : cip;
   TORCH_CHECK(start_in.scalar_type() == at::kComplexFloat && start_in.numel() == n,
               "certify_layer: start must be (n,) complex64");
   const at::Tensor start = start_in.contiguous();
@@ -852,6 +983,8 @@ certify_layer_cpu(const at::Tensor& taps_in, const at::Tensor& ph_in,
                    const std::function<cf*(int)>& dest) {
     const int64_t g = ids[0] / nf;
     std::vector<int64_t> fs(cnt);
+    std::vector<const cf*> csrc;
+    std::vector<char> cconj;
     for (int j = 0; j < cnt; ++j) fs[j] = ids[j] % nf;
     if (m_f > 0) {
       if (static_cast<int>(bufs.size()) < cnt) bufs.resize(cnt);
@@ -868,11 +1001,17 @@ certify_layer_cpu(const at::Tensor& taps_in, const at::Tensor& ph_in,
     for (int j = 0; j < cnt; ++j) {
       cf* h = dest(j);
       // the per-frequency product first (beta 0), then the cached blocks added one by one
-      // (the order kappa counts)
+      // (the order kappa counts), in one pass over h
       gram_blocks(lp, m_f > 0 ? bufs[j].data() : nullptr, n, m_f, h);
-      for (size_t c = 0; c < cached.size(); ++c) {
-        const int64_t sl = g * cbase.back() + cbase[c] + cached[c]->key_of[fs[j]];
-        add_blocks(cgram.data() + sl * nn, n, h, true, cached[c]->conj_of[fs[j]]);
+      if (!cached.empty()) {
+        csrc.resize(cached.size());
+        cconj.resize(cached.size());
+        for (size_t c = 0; c < cached.size(); ++c) {
+          const int64_t sl = g * cbase.back() + cbase[c] + cached[c]->key_of[fs[j]];
+          csrc[c] = cgram.data() + sl * nn;
+          cconj[c] = cached[c]->conj_of[fs[j]];
+        }
+        add_cached(csrc.data(), cconj.data(), static_cast<int>(cached.size()), n, h);
       }
     }
   };
@@ -944,10 +1083,22 @@ certify_layer_cpu(const at::Tensor& taps_in, const at::Tensor& ph_in,
   });
   double lam = 0.0;
   for (int64_t k = 0; k < nk; ++k) lam = std::max(lam, estp[topp[k]]);
-  // the first trial of every frequency: the largest estimate so far (shared, raised by the
-  // retries: a frequency above it is then likely followed by others near it)
-  std::atomic<double> mu_shared(std::max(lam, 1e-30) * (1.0 + margin));
-  // 2. every frequency: Gram, factorization, retries
+  // the first trial of every frequency: the largest estimate, one value for all (the bound
+  // is the largest certificate: a frequency's own lower trial would not lower it)
+  const double mu0 = std::max(lam, 1e-30) * (1.0 + margin);
+  auto round_up32 = [](double t) {  // the trial as the factorization sees it
+    float tf = static_cast<float>(t);
+    if (static_cast<double>(tf) < t) tf = std::nextafter(tf, INFINITY);
+    return tf;
+  };
+  // frequencies whose first trial failed, with their Grams (the formed ones copied out of
+  // the thread's buffer): retried in step 3
+  std::mutex failed_mu;
+  std::vector<std::pair<int64_t, std::vector<cf>>> failed;
+  // the lowered trial (trial_below) where the Frobenius term of |L| is at most 1/32 of the
+  // trial (n <= ~360) and Perron steps would be needed otherwise
+  const bool lowered = perron_l && inner_constant(n) * n <= 1.0 / 32;
+  // 2. every frequency: Gram, factorization at mu0
   dynamic_chunks(nt, [&](std::atomic<int64_t>& next) {
     Scratch& sc = scratch();
     auto& bufs = sc.bufs;
@@ -956,9 +1107,16 @@ certify_layer_cpu(const at::Tensor& taps_in, const at::Tensor& ph_in,
     auto& tmp = sc.tmp;
     auto& own = sc.own;
     auto& s = sc.s;
-    for (int64_t b0; (b0 = next.fetch_add(fb_max)) < nt;) {
-     const int64_t b1 = std::min(nt, b0 + fb_max);
-     for (int64_t pos = b0; pos < b1;) {
+    // chunks in the rotated order r: the formed frequencies first (by trace), the kept ones
+    // (factorization only, the cheapest) last; chunks shrink toward the end (guided) so the
+    // threads finish together
+    for (int64_t b0, cnt = 0; (b0 = grab_chunk(next, nt, fb_max, &cnt)) < nt;) {
+     for (int64_t r0 = b0; r0 < b0 + cnt;) {
+      const int64_t split = nt - nk;  // r < split: positions r + nk (formed), then 0..nk-1
+      const int64_t r1 = r0 < split ? std::min(b0 + cnt, split) : b0 + cnt;
+      const int64_t p0 = r0 < split ? r0 + nk : r0 - split;
+      const int64_t b1 = p0 + (r1 - r0);
+      for (int64_t pos = p0; pos < b1;) {
       int64_t e = pos + 1;
       if (pos >= nk) {  // not kept: form this batch's Grams
         e = batch_end(pos, b1);
@@ -969,36 +1127,75 @@ certify_layer_cpu(const at::Tensor& taps_in, const at::Tensor& ph_in,
       for (int64_t j = pos; j < e; ++j) {
         const int64_t id = topp[j];
         const cf* g = slot[id] >= 0 ? kept.data() + slot[id] * nn : own.data() + (j - pos) * nn;
-        double t = mu_shared.load(), grow = margin;
         int inf = 1;
-        for (int64_t r = 0; r < rounds; ++r) {
-          if (r > 0) {  // failed: the estimate was low; estimate this frequency (further)
-            estimate(g, id, static_cast<int>(retry_steps));
-            const double fresh = estp[id] * (1.0 + margin);
-            t = fresh > t ? fresh : t * (1.0 + grow);
-            grow *= 4.0;
+        // without an estimate near mu0: first the lowered trial t' (t' + c_n ||L||_F^2 ~
+        // mu0, no Perron steps of |L|); where that fails, mu0 with the Perron bound
+        if (lowered) {
+          const double t_low = trial_below(mu0, trace_of(g, n), n);
+          if (!(estp[id] * (1.0 + margin) >= t_low)) {
+            trp[id] = round_up32(t_low);
+            inf = factor_shifted(lp, g, n, trp[id], s, absm, plp + id, false);
           }
-          // the trial as the factorization sees it: float32, rounded up
-          float tf = static_cast<float>(t);
-          if (static_cast<double>(tf) < t) tf = std::nextafter(tf, INFINITY);
-          trp[id] = tf;
-          inf = factor_shifted(lp, g, n, tf, s, absm, plp + id, perron_l);
-          if (inf == 0) break;
+        }
+        if (inf != 0) {
+          trp[id] = round_up32(mu0);
+          inf = factor_shifted(lp, g, n, trp[id], s, absm, plp + id, perron_l);
         }
         infop[id] = inf;
-        // || |B| ||^2 (a failed one: the caller's last resort does not read it)
-        if (slot[id] < 0)  // (the kept ones have theirs from step 1)
-          pbp[id] = inf != 0 ? trace_bound(g, n, kappa) : bound_b(id, g, bufs[j - pos], t, absm);
-        if (inf == 0) {  // raise the shared first trial to this one
-          double cur = mu_shared.load();
-          while (t > cur && !mu_shared.compare_exchange_weak(cur, t)) {
-          }
+        if (slot[id] < 0)  // || |B| ||^2 while B_f is here (the kept ones: from step 1)
+          pbp[id] = bound_b(id, g, bufs[j - pos], mu0, absm);
+        if (inf != 0) {
+          std::lock_guard<std::mutex> lock(failed_mu);
+          failed.emplace_back(id, slot[id] >= 0 ? std::vector<cf>() : std::vector<cf>(g, g + nn));
         }
       }
       pos = e;
+      }
+      r0 = r1;
      }
     }
   });
+  // 3. the failed ones (the estimate was low), in rounds: each estimated further (Lanczos
+  // from its last vector), then all factored at one trial, the largest of their estimates x
+  // (1 + margin) and the last trial x (1 + grow): the bound does not depend on the order in
+  // which the threads met them
+  std::sort(failed.begin(), failed.end(),
+            [](const auto& x, const auto& y) { return x.first < y.first; });
+  double t_last = mu0, grow = margin;
+  for (int64_t r = 1; r < rounds && !failed.empty(); ++r) {
+    const int64_t nfail = static_cast<int64_t>(failed.size());
+    auto gram_of = [&](int64_t k) {
+      const int64_t id = failed[k].first;
+      return slot[id] >= 0 ? kept.data() + slot[id] * nn : failed[k].second.data();
+    };
+    dynamic_chunks(nfail, [&](std::atomic<int64_t>& next) {
+      for (int64_t k; (k = next.fetch_add(1)) < nfail;)
+        estimate(gram_of(k), failed[k].first, static_cast<int>(retry_steps));
+    });
+    double t = 0.0;  // per frequency: its estimate's trial if above the last, else the last grown
+    for (const auto& f : failed) {
+      const double fresh = estp[f.first] * (1.0 + margin);
+      t = std::max(t, fresh > t_last ? fresh : t_last * (1.0 + grow));
+    }
+    const float tf = round_up32(t);
+    std::vector<char> again(nfail, 0);
+    dynamic_chunks(nfail, [&](std::atomic<int64_t>& next) {
+      Scratch& sc = scratch();
+      for (int64_t k; (k = next.fetch_add(1)) < nfail;) {
+        const int64_t id = failed[k].first;
+        trp[id] = tf;
+        const int inf = factor_shifted(lp, gram_of(k), n, tf, sc.s, sc.absm, plp + id, perron_l);
+        infop[id] = inf;  // (its || |B| ||^2: from step 1 or 2, trial-independent)
+        again[k] = inf != 0;
+      }
+    });
+    std::vector<std::pair<int64_t, std::vector<cf>>> next_failed;
+    for (int64_t k = 0; k < nfail; ++k)
+      if (again[k]) next_failed.push_back(std::move(failed[k]));
+    failed.swap(next_failed);
+    t_last = t;
+    grow *= 4.0;
+  }
   const double tabs_sq = tap_abs_sq(tp, gr, nq, e_len);
   own_sc.trim_shared();
   return {info, trial, pl, pb, est, vecs, tabs_sq, kappa};

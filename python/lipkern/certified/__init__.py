@@ -63,7 +63,8 @@ from ..validate import check_specs, check_weights
 from .certify import CERT_MARGIN, certify, certify_cpp
 from .gram import (U64, Gram, choose_path, gram_frequency, gram_spatial, gram_taps32,
                    sigma_from_abs)
-from .symbol import Symbol, frequencies, layout, phase_angles, symbol, tap_major32
+from .plan import layer_plan, trace_order
+from .symbol import Symbol, frequencies, phase_angles, symbol, tap_major32
 
 __all__ = ["certified_sigma", "symbol", "Symbol", "certify_symbol", "CERT_MARGIN"]
 
@@ -158,28 +159,21 @@ def certify_symbol(sym: Symbol, generator=None, backend: str = "auto"):
 
 def certify_weight(w: torch.Tensor, g, amax: float, generator=None, backend: str = "auto"):
     """``certify_symbol(symbol(w, g))`` for the C++ layer op without the float64 symbol: the
-    float32 taps straight from ``w`` (``symbol.tap_major32``: the same values). None where
-    that path does not apply (another backend or device, no layer op, aliased taps)."""
+    float32 taps straight from ``w`` (``symbol.tap_major32``: the same values), the geometry's
+    tables from ``plan.layer_plan`` (kept per geometry). None where that path does not apply
+    (another backend or device, no layer op, aliased taps)."""
     if amax == 0.0 or not _use_cpp(w, backend) or not _has_layer_op():
         return None
     e = _scale_exponent(amax)
     taps32 = tap_major32(w, g, 2.0 ** -e)
     if taps32 is None:
         return None
-    if g.kind == KIND_DENSE:
-        grid, qh, qw, factor = (1, 1), 1, 1, 1.0
-        used = torch.ones(1, 1, 1, dtype=torch.bool)
-    else:
-        lo = layout(g)
-        grid, qh, qw, factor = lo.grid, lo.qh, lo.qw, lo.factor
-        used = torch.zeros(lo.phases * qh * qw, dtype=torch.bool)
-        used[list(lo.idx)] = True  # slot = phase * Q + shift
-        used = used.reshape(lo.phases, qh, qw)
-    freqs = frequencies(grid)
-    gram = gram_taps32(taps32, phase_angles(freqs, grid, qh, qw, w.device))
-    bound, lam, v, tabs_sq = certify_cpp(gram, freqs, grid, used, generator)
-    gram = gram._replace(sigma_err=sigma_from_abs(qh * qw, math.sqrt(tabs_sq)))
-    return _sigma_bound(bound, lam, v, gram, e, factor, freqs)
+    plan = layer_plan(g)
+    gram = gram_taps32(taps32, plan.ph)
+    bound, lam, v, tabs_sq = certify_cpp(gram, plan.freqs, plan.grid, plan.used, generator,
+                                         order=trace_order(taps32, plan), fq=plan.fq)
+    gram = gram._replace(sigma_err=sigma_from_abs(plan.qh * plan.qw, math.sqrt(tabs_sq)))
+    return _sigma_bound(bound, lam, v, gram, e, plan.factor, plan.freqs)
 
 
 def _frequency_matrix(taps_g: torch.Tensor, grid, f) -> torch.Tensor:

@@ -113,7 +113,8 @@ LANCZOS_STEPS = 12  # the C++ path's estimate: Lanczos (full reorthogonalization
 LANCZOS_RETRY = 48  # for a frequency whose first trial failed
 
 
-def certify_cpp(gram: Gram, freqs, grid, used: torch.Tensor, generator=None
+def certify_cpp(gram: Gram, freqs, grid, used: torch.Tensor, generator=None,
+                order: torch.Tensor = None, fq: torch.Tensor = None
                 ) -> Tuple[torch.Tensor, ...]:
     """``certify`` in one C++ call (``lipkern::certify_layer``, csrc/cpu/certified.cpp):
     A_f, H_f, the Lanczos estimates, the trials and their factorizations for every
@@ -123,13 +124,16 @@ def certify_cpp(gram: Gram, freqs, grid, used: torch.Tensor, generator=None
     kernel forms blocks that do not depend on every frequency axis once per key). Also
     returns ``sum_(g,o,c) (sum_q |T_q|)^2`` (rounded up: ``gram.sigma_from_abs``'s input)."""
     bsz = gram.count
-    order = gram.traces().argsort(descending=True)
+    if order is None:  # by decreasing trace (plan.trace_order: the same, from a kept table)
+        order = gram.traces().argsort(descending=True)
     n = gram.taps32.shape[2] if gram.left else gram.taps32.shape[3]
     m = gram.taps32.shape[3] if gram.left else gram.taps32.shape[2]
     start = torch.randn(n, dtype=torch.complex64, generator=generator)
-    fq = torch.tensor(freqs, dtype=torch.int64).reshape(-1, 2)
+    if fq is None:
+        fq = torch.tensor(freqs, dtype=torch.int64).reshape(-1, 2)
     info, trial, pl, pb, lam, vec, tabs_sq, kappa = torch.ops.lipkern.certify_layer(
-        gram.taps32, gram.ph, fq, grid[0], grid[1], used.to(torch.uint8), order, min(ESTIMATE_TOP, bsz), start,
+        gram.taps32, gram.ph, fq, grid[0], grid[1], used.to(torch.uint8), order,
+        min(ESTIMATE_TOP, bsz), start,
         gram.left, CERT_MARGIN, LANCZOS_STEPS, LANCZOS_RETRY, ROUNDS)
     # kappa: the kernel's Gram error constant, |fl(H) - H| <= kappa |B| |B|^T (c_m for one
     # column block; ~c of the widest block where blocks are formed apart)

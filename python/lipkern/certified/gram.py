@@ -157,13 +157,13 @@ def sigma_from_abs(nq: int, tabs_norm: float) -> float:
     return math.sqrt(2) * (nq + 3) * U32 * 1.01 * tabs_norm + TINY
 
 
-def gram_taps32(taps32: torch.Tensor, angles: torch.Tensor) -> Gram:
+def gram_taps32(taps32: torch.Tensor, ph: torch.Tensor) -> Gram:
     """The frequency path's ``Gram`` for the C++ layer op from tap-major float32 taps
-    (G, Q, co, ci) (``symbol.tap_major32``: scaled, exact or rounded once). ``sigma_err`` is
-    NaN here: the layer op returns ``||sum_q |T_q| ||_F^2`` (rounded up) for
-    ``sigma_from_abs``."""
+    (G, Q, co, ci) (``symbol.tap_major32``: scaled, exact or rounded once) and the phase
+    table ph (F, Q, 2) (``symbol.phase_table``). ``sigma_err`` is NaN here: the layer op
+    returns ``||sum_q |T_q| ||_F^2`` (rounded up) for ``sigma_from_abs``."""
     left = taps32.shape[2] <= taps32.shape[3]
-    return Gram(None, False, None, math.nan, left, taps32.contiguous(), phase_table(angles))
+    return Gram(None, False, None, math.nan, left, taps32.contiguous(), ph)
 
 
 def _form_error(taps: torch.Tensor, grid: Tuple[int, int]) -> float:
