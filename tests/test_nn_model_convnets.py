@@ -492,3 +492,72 @@ def test_old_api_checkpoint_loader():
     new.eval()
     x = torch.randn(2, 3, 32, 32)
     torch.testing.assert_close(new(x), old(x), rtol=1e-4, atol=1e-6)
+
+
+def _d_loss_cat(model, x, fake):  # _d_loss with one forward of both halves
+    out = model(torch.cat([x, fake]))
+    return F.relu(1 - out[:x.shape[0]]).mean() + F.relu(1 + out[x.shape[0]:]).mean()
+
+
+def _gp_loss_cat(model, x, fake):  # _gp_loss with one forward of the three batches
+    alpha = torch.linspace(0, 1, x.shape[0]).view(-1, 1, 1, 1)
+    xh = (alpha * x + (1 - alpha) * fake).requires_grad_(True)
+    out = model(torch.cat([xh, fake, x]))
+    n = x.shape[0]
+    g, = torch.autograd.grad(out[:n].sum(), xh, create_graph=True)
+    gp = (g.flatten(1).norm(dim=1) - 1).square().mean()
+    return out[n:2 * n].mean() - out[2 * n:].mean() + 10 * gp
+
+
+@pytest.mark.parametrize("mode", ["matrix", "operator"])
+@pytest.mark.parametrize("losses", [(_d_loss, _d_loss_cat), (_gp_loss, _gp_loss_cat)],
+                         ids=["d_step", "gp_step"])
+def test_per_update_is_one_iteration_per_step(mode, losses):
+    """power_iteration="per_update": the forwards of one step share one fused call (one
+    power iteration per weight update), so two or three forwards per step give the values,
+    gradients (second order included) and vectors of ONE concatenated forward per step with
+    the torch rule; the fused calls are counted: one per step."""
+    loss, loss_cat = losses
+    base = _critic()
+    x = torch.randn(1, 3, 32, 32)
+    kw = dict(example_input=x, mode="operator") if mode == "operator" else {}
+    ours = _ours(base, power_iteration="per_update", **kw)
+    want = _ours(base, **kw)
+    group = ours._lipkern_spectral_norm
+    calls0 = group.calls
+    got = _steps(ours, loss, steps=3)
+    assert group.calls - calls0 == 3  # one per step, not one per forward
+    _assert_same_steps(got, _steps(want, loss_cat, steps=3))
+    for k, v in _vectors(want).items():
+        torch.testing.assert_close(_vectors(ours)[k], v, rtol=1e-4, atol=1e-6)
+
+
+def test_per_update_recomputes_after_any_change():
+    """An in-place change of a weight, a loaded state_dict or a write into the vectors
+    between two forwards starts a new fused call; eval forwards in between do not advance
+    the vectors; per_forward (the default) calls every training forward."""
+    base = _critic()
+    m = _ours(base, power_iteration="per_update")
+    group = m._lipkern_spectral_norm
+    x = torch.randn(2, 3, 32, 32)
+    c = group.calls
+    y0 = m(x)
+    assert torch.equal(m(x), y0) and group.calls == c + 1
+    with torch.no_grad():
+        next(p for n, p in m.named_parameters() if n.endswith("original")).mul_(1.5)
+    m(x)
+    assert group.calls == c + 2
+    m.load_state_dict(m.state_dict())
+    m(x)
+    assert group.calls == c + 3
+    m.eval()
+    m(x)
+    m.train()
+    m(x)  # eval forwards left the vectors alone: the same update, no call
+    assert group.calls == c + 4  # (the eval forward's own call)
+    d = _ours(base)
+    cd = d._lipkern_spectral_norm.calls
+    d(x), d(x)
+    assert d._lipkern_spectral_norm.calls == cd + 2
+    with pytest.raises(ValueError, match="power_iteration must be"):
+        _ours(base, power_iteration="per_step")

@@ -128,7 +128,8 @@ class SpectralNormGroup:
     def __init__(self, modules: Sequence[nn.Module], names: Sequence[str],
                  specs: Sequence[Optional[ConvSpec]], dims: Sequence[int],
                  n_power_iterations: int, eps: float, backend: str, cache_eval: bool,
-                 strategy: str = "auto", coeff: Optional[float] = None):
+                 strategy: str = "auto", coeff: Optional[float] = None,
+                 per_update: bool = False):
         self.modules = list(modules)
         self.names = list(names)
         self.specs = tuple(specs)
@@ -139,6 +140,7 @@ class SpectralNormGroup:
         self.cache_eval = cache_eval
         self.strategy = strategy
         self.coeff = coeff  # None: W / sigma; else W * min(1, coeff / sigma)
+        self.per_update = per_update  # power_iteration="per_update" (spectral_norm_model)
         self.last_sigmas: Optional[torch.Tensor] = None  # (L,) of the latest fused call
         self.layout: Optional[Layout] = None
         self.u: Optional[torch.Tensor] = None
@@ -406,7 +408,8 @@ def spectral_norm_model(model: nn.Module, example_input=None, *, n_power_iterati
                         names: Union[None, Iterable[str], Callable[[str, nn.Module], bool]] = None,
                         mode: str = "matrix", cache_eval: bool = False,
                         backend: str = "auto", strategy: str = "auto",
-                        coeff: Optional[float] = None) -> nn.Module:
+                        coeff: Optional[float] = None,
+                        power_iteration: str = "per_forward") -> nn.Module:
     """Spectrally normalize every selected layer of ``model`` in place, with ONE fused call
     (one ``lipkern::`` op) per model forward for all of them (strategy "inline", the CPU
     default for Linear-only models, instead folds each layer's iteration into its own op).
@@ -453,6 +456,17 @@ def spectral_norm_model(model: nn.Module, example_input=None, *, n_power_iterati
             for a Linear-only model on the CPU (backend "auto" or "cpp", the extension
             built, no coeff), "mixed" for any other model on the CPU, else "scaled_outputs".
 
+        power_iteration: "per_forward" (torch's rule: ``n_power_iterations`` in every
+            training forward) or "per_update": a training forward whose weights and vectors
+            are those the previous training forward left (no optimizer step, no load, no
+            in-place change since: their version counters) reuses that forward's sigmas,
+            vectors and sigma gradients -- no fused call, no one-sample passes. The forwards
+            of one step then see one normalized model, as with one concatenated batch (a GAN's
+            D(real), D(fake) and the gradient penalty's D(x_hat)); the vectors advance once
+            per update. Eager forwards of strategy "mixed" (the CPU default for conv models)
+            and of "scaled_outputs" without autograd through the call; other strategies and
+            compiled forwards iterate per forward.
+
     Remove with :func:`remove_spectral_norm_model`.
     """
     if not isinstance(model, nn.Module):
@@ -469,6 +483,9 @@ def spectral_norm_model(model: nn.Module, example_input=None, *, n_power_iterati
         raise ValueError(f"mode must be 'matrix' or 'operator', got {mode!r}")
     if strategy not in STRATEGIES:
         raise ValueError(f"strategy must be one of {STRATEGIES}, got {strategy!r}")
+    if power_iteration not in ("per_forward", "per_update"):
+        raise ValueError("power_iteration must be 'per_forward' or 'per_update', got "
+                         f"{power_iteration!r}")
     if coeff is not None and (isinstance(coeff, bool) or not isinstance(coeff, (int, float))
                               or not coeff > 0 or coeff == float("inf")):
         raise ValueError(f"coeff must be None or a finite float > 0, got {coeff!r}")
@@ -500,7 +517,8 @@ def spectral_norm_model(model: nn.Module, example_input=None, *, n_power_iterati
             for (_, m), spec in zip(targets, specs)]
     group = SpectralNormGroup([m for _, m in targets], [q for q, _ in targets], specs, dims,
                               n_power_iterations, eps, backend, cache_eval, strategy,
-                              None if coeff is None else float(coeff))
+                              None if coeff is None else float(coeff),
+                              per_update=power_iteration == "per_update")
     if strategy == "inline":
         if not group.all_linear:
             raise ValueError("strategy='inline' folds the power iteration into Linear layers' "

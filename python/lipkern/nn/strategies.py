@@ -184,6 +184,7 @@ class ScaledOutputs(Strategy):
         self.cur: Optional[FusedSigmas] = None
         self.scaled_ok = False  # this forward may use ScaledLayer
         self._eval_cache = None  # (key, sigmas, state) of cache_eval
+        self._update_cache = None  # (key, FusedSigmas) of power_iteration="per_update"
 
     def applies(self, group, w):
         return True  # the fallback of "auto"
@@ -205,8 +206,36 @@ class ScaledOutputs(Strategy):
         self.cur = FusedSigmas(group, *self._eval_cache[1:])
         return True
 
+    def update_cached(self, group, originals, training) -> bool:
+        """power_iteration="per_update": serve a training forward from the previous training
+        forward's result (its FusedSigmas: sigmas, vectors and the sigma gradients made in a
+        backward) when every weight and both vector buffers are unchanged since that forward
+        stored its vectors (same version counters and storage). False where it does not
+        apply (and then a fused call runs)."""
+        if not (training and group.per_update) or torch.compiler.is_compiling():
+            return False
+        c = self._update_cache
+        if c is None or c[0] != group.cache_key(originals):
+            return False
+        self.scaled_ok = not torch.is_autocast_enabled(originals[0].device.type)
+        self.cur = c[1]
+        group.last_sigmas = c[1].sigmas.detach()
+        return True
+
+    def keep_for_update(self, group, originals, training) -> None:
+        """After a training forward's fused call (without autograd through it) and the store
+        of its vectors: keep the result for power_iteration="per_update"."""
+        if not training:  # (an eval forward leaves the vectors as they were)
+            return
+        self._update_cache = None
+        if group.per_update and not torch.compiler.is_compiling() and \
+                not self.cur.sigmas.requires_grad:
+            self._update_cache = (group.cache_key(originals), self.cur)
+
     def prepare(self, group, originals, training):
         if self.eval_cached(group, originals, training):
+            return self
+        if self.update_cached(group, originals, training):
             return self
         self.scaled_ok = not torch.is_autocast_enabled(originals[0].device.type)
         n_iters = group.n_power_iterations if training else 0
@@ -220,6 +249,7 @@ class ScaledOutputs(Strategy):
         if training:
             store_state(res.state, group.v, group.u)
         self.cur = FusedSigmas(group, res.sigmas, res.state)
+        self.keep_for_update(group, originals, training)
         return self
 
     def layer_forward(self, group, i, module, x):
@@ -308,6 +338,8 @@ class Mixed(ScaledOutputs):
     def prepare(self, group, originals, training):
         if self.eval_cached(group, originals, training):
             return self
+        if self.update_cached(group, originals, training):
+            return self
         self.scaled_ok = not torch.is_autocast_enabled(originals[0].device.type)
         n_iters = group.n_power_iterations if training else 0
         op_weights = [group.op_weight(i, w) for i, w in enumerate(originals)]
@@ -319,6 +351,7 @@ class Mixed(ScaledOutputs):
         if training:
             store_state(res.state, group.v, group.u)
         self.cur = FusedSigmas(group, res.sigmas, res.state)
+        self.keep_for_update(group, originals, training)
         return self
 
     def scales(self, group, i, x) -> bool:
