@@ -225,11 +225,12 @@ class ScaledOutputs(Strategy):
     def keep_for_update(self, group, originals, training) -> None:
         """After a training forward's fused call (without autograd through it) and the store
         of its vectors: keep the result for power_iteration="per_update"."""
-        if not training:  # (an eval forward leaves the vectors as they were)
+        # (an eval forward leaves the vectors as they were; a compiled one changes their
+        # versions, which the key of a kept result then no longer matches)
+        if not (training and group.per_update) or torch.compiler.is_compiling():
             return
         self._update_cache = None
-        if group.per_update and not torch.compiler.is_compiling() and \
-                not self.cur.sigmas.requires_grad:
+        if not self.cur.sigmas.requires_grad:
             self._update_cache = (group.cache_key(originals), self.cur)
 
     def prepare(self, group, originals, training):
