@@ -415,7 +415,7 @@ def test_layer_op_from_two_python_threads():
 
 
 @_LAYER_OP
-@pytest.mark.parametrize("ch", [64, 128, 130, 256])
+@pytest.mark.parametrize("ch", [30, 64, 127, 128, 130, 256])
 def test_layer_op_cholesky_paths_and_lowered_trial(ch):
     """n <= 128: the op's own Cholesky (cholesky_lower); above: LAPACK; 128 < n <= ~360: the
     first trial lowered by the Frobenius term of |L| (trial_below). Each is >= the exact

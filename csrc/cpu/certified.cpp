@@ -4,7 +4,8 @@
 //   1. forms the lower triangle of S = mu I - B B^H by blocked GEMM, block columns of
 //      kBlock: (n/kBlock)(n/kBlock + 1)/2 of the (n/kBlock)^2 block products, 56% of the
 //      full product's flops at n = 512 (BLAS has herk, but torch's MKL does not export it);
-//   2. factors S in place (LAPACK potrf, called directly: torch's batched cholesky_ex copies
+//   2. factors S in place (cholesky_lower for n <= kOwnCholesky, else LAPACK potrf, called
+//      directly: torch's batched cholesky_ex copies
 //      and transposes every matrix, measured 79 vs 32 ms for 13 matrices of 512, 1 thread);
 //   3. bounds the Perron roots || |L| ||_2^2 and || |B| ||_2^2 from above (Collatz-Wielandt
 //      with a few power steps), the two a-posteriori error terms of the
@@ -30,6 +31,7 @@
 #include <atomic>
 #include <functional>
 #include <map>
+#include <mutex>
 #include <set>
 #include <cmath>
 #include <complex>
@@ -56,6 +58,8 @@ using potrf_t = void (*)(const char*, const int*, cf*, const int*, int*);
 #if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && __GNUC__ >= 12
 #define LIPKERN_CLONES \
   __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
+#elif defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__)
+#define LIPKERN_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
 #else
 #define LIPKERN_CLONES
 #endif
@@ -358,6 +362,10 @@ LIPKERN_CLONES void add_cached(const cf* const* hs, const char* conj, int k, int
 // fresh ones cost a page fault per 4 KiB (measured ~1.8 us each here: ~10 ms of a ~120 ms
 // layer). Buffers past kKeepBytes are freed after each use (a large dense matrix).
 constexpr size_t kKeepBytes = size_t(64) << 20;
+// the Grams of frequencies whose first trial failed, kept for the retries up to this many
+// bytes per call (a first trial far too low fails most frequencies: past this, those are
+// formed again in the retry rounds instead of holding an (F, n, n) array)
+constexpr int64_t kFailedKeepBytes = int64_t(256) << 20;
 
 struct Scratch {
   std::vector<std::vector<cf>> bufs;
@@ -749,20 +757,7 @@ LIPKERN_CLONES int cholesky_lower(float* __restrict a, int n_) {
           cj[2*i] = re; cj[2*i+1] = im;
         }
       }
-    } else {
-      for (int64_t k = k0; k < k1; ++k) {
-        const float* ck = a + k * ld;
-        for (int64_t j = k1; j < n; ++j) {
-          float* cj = a + j * ld;
-          const float cr = ck[2 * j], ci = ck[2 * j + 1];
-          for (int64_t i = j; i < n; ++i) {
-            const float lr = ck[2 * i], li = ck[2 * i + 1];
-            cj[2 * i] -= lr * cr + li * ci;
-            cj[2 * i + 1] -= li * cr - lr * ci;
-          }
-        }
-      }
-    }
+    }  // (a last panel of < 4 columns ends at n: no trailing columns)
   }
   return 0;
 }
@@ -1018,6 +1013,7 @@ certify_layer_cpu(const at::Tensor& taps_in, const at::Tensor& ph_in,
   // >= || |B_f| ||^2 for the flat id whose per-frequency part is in buf: the trace bound
   // where it costs <= kFrobeniusShareB of the trial t, else the smaller of it and the sum of
   // the Perron bounds of the cached blocks and of B_f
+  const std::vector<cf> no_side;  // B_f where no per-frequency block is formed (m_f == 0)
   auto bound_b = [&](int64_t id, const cf* g, const std::vector<cf>& buf, double t,
                      std::vector<float>& absm) {
     const double trb = trace_bound(g, n, kappa);
@@ -1074,7 +1070,8 @@ certify_layer_cpu(const at::Tensor& taps_in, const at::Tensor& ph_in,
         const int64_t id = topp[j];
         estimate(kept.data() + j * nn, id, static_cast<int>(est_steps));
         // B_f is gone after this batch: its bound now, against the likely first trial
-        pbp[id] = bound_b(id, kept.data() + j * nn, bufs[j - k], estp[id] * (1 + margin),
+        pbp[id] = bound_b(id, kept.data() + j * nn, m_f > 0 ? bufs[j - k] : no_side,
+                          estp[id] * (1 + margin),
                           absm);
       }
       k = e;
@@ -1095,6 +1092,7 @@ certify_layer_cpu(const at::Tensor& taps_in, const at::Tensor& ph_in,
   // the thread's buffer): retried in step 3
   std::mutex failed_mu;
   std::vector<std::pair<int64_t, std::vector<cf>>> failed;
+  int64_t failed_bytes = 0;  // (under failed_mu)
   // the lowered trial (trial_below) where the Frobenius term of |L| is at most 1/32 of the
   // trial (n <= ~360) and Perron steps would be needed otherwise
   const bool lowered = perron_l && inner_constant(n) * n <= 1.0 / 32;
@@ -1143,10 +1141,14 @@ certify_layer_cpu(const at::Tensor& taps_in, const at::Tensor& ph_in,
         }
         infop[id] = inf;
         if (slot[id] < 0)  // || |B| ||^2 while B_f is here (the kept ones: from step 1)
-          pbp[id] = bound_b(id, g, bufs[j - pos], mu0, absm);
+          pbp[id] = bound_b(id, g, m_f > 0 ? bufs[j - pos] : no_side, mu0, absm);
         if (inf != 0) {
           std::lock_guard<std::mutex> lock(failed_mu);
-          failed.emplace_back(id, slot[id] >= 0 ? std::vector<cf>() : std::vector<cf>(g, g + nn));
+          // the Gram copied out while the copies stay within kFailedKeepBytes (else formed
+          // again in step 3)
+          const bool copy = slot[id] < 0 && failed_bytes + nn * 8 <= kFailedKeepBytes;
+          if (copy) failed_bytes += nn * 8;
+          failed.emplace_back(id, copy ? std::vector<cf>(g, g + nn) : std::vector<cf>());
         }
       }
       pos = e;
@@ -1164,13 +1166,19 @@ certify_layer_cpu(const at::Tensor& taps_in, const at::Tensor& ph_in,
   double t_last = mu0, grow = margin;
   for (int64_t r = 1; r < rounds && !failed.empty(); ++r) {
     const int64_t nfail = static_cast<int64_t>(failed.size());
-    auto gram_of = [&](int64_t k) {
+    auto gram_of = [&](int64_t k, Scratch& sc) -> const cf* {
       const int64_t id = failed[k].first;
-      return slot[id] >= 0 ? kept.data() + slot[id] * nn : failed[k].second.data();
+      if (slot[id] >= 0) return kept.data() + slot[id] * nn;
+      if (!failed[k].second.empty()) return failed[k].second.data();
+      sc.own.resize(static_cast<size_t>(nn));  // not kept past the budget: formed again
+      build(&failed[k].first, 1, sc.bufs, sc.acc, sc.absm, sc.tmp,
+            [&](int) { return sc.own.data(); });
+      return sc.own.data();
     };
     dynamic_chunks(nfail, [&](std::atomic<int64_t>& next) {
+      Scratch& sc = scratch();
       for (int64_t k; (k = next.fetch_add(1)) < nfail;)
-        estimate(gram_of(k), failed[k].first, static_cast<int>(retry_steps));
+        estimate(gram_of(k, sc), failed[k].first, static_cast<int>(retry_steps));
     });
     double t = 0.0;  // per frequency: its estimate's trial if above the last, else the last grown
     for (const auto& f : failed) {
@@ -1184,7 +1192,8 @@ certify_layer_cpu(const at::Tensor& taps_in, const at::Tensor& ph_in,
       for (int64_t k; (k = next.fetch_add(1)) < nfail;) {
         const int64_t id = failed[k].first;
         trp[id] = tf;
-        const int inf = factor_shifted(lp, gram_of(k), n, tf, sc.s, sc.absm, plp + id, perron_l);
+        const int inf =
+            factor_shifted(lp, gram_of(k, sc), n, tf, sc.s, sc.absm, plp + id, perron_l);
         infop[id] = inf;  // (its || |B| ||^2: from step 1 or 2, trial-independent)
         again[k] = inf != 0;
       }

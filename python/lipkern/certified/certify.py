@@ -19,7 +19,8 @@ Measured on ResNet-18's 512-channel layers: ``c_n || |L| ||^2 ~ 3e-3 mu`` (the P
 of ``|L|^H |L|`` ~25 mu, against ~390 mu for ``||L||_F^2``).
 
 Where the Frobenius bounds are small against mu they replace the Perron roots:
-``|| |L| ||^2 <= ||L||_F^2 <= n mu / (1 - c_n)`` (``tr(L L^H) = tr(S + E)``) for n <= 128,
+``|| |L| ||^2 <= ||L||_F^2 <= tr S / (1 - c_n)`` (``tr(L L^H) = tr(S + E)``) for n <= 128
+(the C++ layer op also for n <= ~360 at a first trial lowered by that term),
 and ``|| |B| ||^2 <= ||B||_F^2 <= tr fl(H) / (1 - kappa)`` where that costs <= mu / 32
 (csrc/cpu/certified.cpp has the argument and the measured costs).
 
@@ -29,7 +30,9 @@ Three implementations:
   (csrc/cpu/certified.cpp): the A_f formed in batches, the Gram by lower-triangle GEMM
   (column blocks that do not depend on every frequency axis -- polyphase phases of strided
   convs -- formed once per key and added), Lanczos estimates on the top frequencies, one
-  shared first trial raised by the retries, LAPACK potrf, frequencies on a dynamic schedule.
+  first trial for every frequency and the failed ones retried in rounds at one trial each
+  (the bound independent of the thread count), its own Cholesky for n <= 128 and LAPACK
+  potrf above, frequencies on a guided schedule.
   The default for CPU tensors when the extension is built.
 * ``certify`` with the C++ step ``lipkern::certify_frequencies`` / ``certify_taps`` (given
   H_f or B_f; the spatial path's Gram matrices), and with batched ATen
@@ -120,11 +123,11 @@ def certify_cpp(gram: Gram, freqs, grid, used: torch.Tensor, generator=None,
     A_f, H_f, the Lanczos estimates, the trials and their factorizations for every
     frequency of the layer. The same certified quantities as ``certify`` (the trial that was
     factored, the Perron bounds of |L| and |B|), assembled here the same way. freqs: the F
-    frequencies (f_h, f_w) of the grid (M_h, M_w); used: (P, Qh, Qw) bool, tap q reaches phase block p (the
+    frequencies (f_h, f_w) of the grid (M_h, M_w); used: (P, Qh, Qw) bool or uint8, tap q reaches phase block p (the
     kernel forms blocks that do not depend on every frequency axis once per key). Also
     returns ``sum_(g,o,c) (sum_q |T_q|)^2`` (rounded up: ``gram.sigma_from_abs``'s input)."""
     bsz = gram.count
-    if order is None:  # by decreasing trace (plan.trace_order: the same, from a kept table)
+    if order is None:  # by decreasing trace (plan.trace_order: the same ranking in float32)
         order = gram.traces().argsort(descending=True)
     n = gram.taps32.shape[2] if gram.left else gram.taps32.shape[3]
     m = gram.taps32.shape[3] if gram.left else gram.taps32.shape[2]

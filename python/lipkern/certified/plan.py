@@ -8,7 +8,7 @@ time otherwise). The cached tensors are inputs only: nothing writes them.
 from __future__ import annotations
 
 import functools
-from typing import List, NamedTuple, Optional, Tuple
+from typing import List, NamedTuple, Tuple
 
 import torch
 
@@ -19,8 +19,7 @@ from .symbol import frequencies, layout, phase_angles, phase_table
 class LayerPlan(NamedTuple):
     """grid (Mh, Mw); qh, qw: taps per axis; factor: the output multiplicity; freqs: the F
     frequencies (one per conjugate pair); fq: (F, 2) int64 of them; ph: (F, Q, 2) float32
-    (cos, sin) phase table; used: (P, Qh, Qw) uint8, tap q reaches phase block p; slots:
-    (kh kw,) int64, the slot of each kernel tap (None for a dense layer); cos_diff: (F, Q^2)
+    (cos, sin) phase table; used: (P, Qh, Qw) uint8, tap q reaches phase block p; cos_diff: (F, Q^2)
     float32, cos(angle_fq - angle_fr): ``tr H_f = sum_(q, r) <T_q, T_r> cos_diff[f, (q, r)]``
     (the frequencies' ranking)."""
     grid: Tuple[int, int]
@@ -31,15 +30,20 @@ class LayerPlan(NamedTuple):
     fq: torch.Tensor
     ph: torch.Tensor
     used: torch.Tensor
-    slots: Optional[torch.Tensor]
     cos_diff: torch.Tensor
 
 
 @functools.lru_cache(maxsize=512)
 def layer_plan(g: LayerGeom) -> LayerPlan:
-    """The plan of a CPU layer of geometry ``g`` (cached per geometry)."""
+    """The plan of a CPU layer of geometry ``g`` (cached per geometry; normal tensors even
+    when first made under ``torch.inference_mode``)."""
+    with torch.inference_mode(False):
+        return _make_plan(g)
+
+
+def _make_plan(g: LayerGeom) -> LayerPlan:
     if g.kind == KIND_DENSE:
-        grid, qh, qw, factor, slots = (1, 1), 1, 1, 1.0, None
+        grid, qh, qw, factor = (1, 1), 1, 1, 1.0
         used = torch.ones(1, 1, 1, dtype=torch.uint8)
     else:
         lo = layout(g)
@@ -47,12 +51,11 @@ def layer_plan(g: LayerGeom) -> LayerPlan:
         used = torch.zeros(lo.phases * qh * qw, dtype=torch.uint8)
         used[list(lo.idx)] = 1  # slot = phase * Q + shift
         used = used.reshape(lo.phases, qh, qw)
-        slots = torch.tensor(lo.idx, dtype=torch.int64)
     freqs = frequencies(grid)
     angles = phase_angles(freqs, grid, qh, qw, torch.device("cpu"))  # (F, Q) float64
     cos_diff = torch.cos(angles[:, :, None] - angles[:, None, :]).flatten(1).to(torch.float32)
     fq = torch.tensor(freqs, dtype=torch.int64).reshape(-1, 2)
-    return LayerPlan(grid, qh, qw, factor, freqs, fq, phase_table(angles), used, slots,
+    return LayerPlan(grid, qh, qw, factor, freqs, fq, phase_table(angles), used,
                      cos_diff.contiguous())
 
 
