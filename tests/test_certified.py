@@ -287,34 +287,6 @@ def test_triton_backend_refuses_cpu_tensors_without_interpreter(monkeypatch):
         lipkern.certified_sigma([torch.randn(3, 3)], backend="triton")
 
 
-@pytest.mark.skipif(not hasattr(torch.ops.lipkern, "certify_taps"),
-                    reason="lipkern._C without csrc/cpu/certified.cpp")
-@pytest.mark.parametrize("co,ci", [(5, 9), (9, 5)])
-def test_cpp_taps_step_forms_the_same_matrices(co, ci):
-    """certify_taps (A_f formed in the kernel's buffer) against certify_frequencies on the
-    A_f that Gram.rows forms: same successes, Perron bounds equal to float32 rounding."""
-    import importlib
-    gm = importlib.import_module("lipkern.certified.gram")
-    from lipkern.certified.symbol import frequencies, phase_angles
-    g = torch.Generator().manual_seed(9)
-    taps = torch.randn(2, co, ci, 3, 3, generator=g, dtype=torch.float64)
-    freqs = frequencies((4, 5))
-    ang = phase_angles(freqs, (4, 5), 3, 3, "cpu")
-    gram = gm.gram_frequency(taps, freqs, ang, use_cpp=True)
-    ids = torch.arange(gram.count)
-    side = gram.rows(ids)
-    lam = torch.linalg.eigvalsh((side @ side.mH).to(torch.complex128)).amax(-1)
-    mu = (lam * (1 + 0.25 * (2 * (ids % 2) - 1))).float()  # half below lambda_max: fail
-    i1, l1, b1 = torch.ops.lipkern.certify_taps(gram.taps32, gram.ph, ids, mu, gram.left)
-    i2, l2, b2 = torch.ops.lipkern.certify_frequencies(side, mu, False)
-    assert ((i1 == 0) == (i2 == 0)).all() and ((i1 == 0) == (mu.double() > lam)).all()
-    torch.testing.assert_close(l1, l2, rtol=1e-4, atol=0)
-    torch.testing.assert_close(b1, b2, rtol=1e-4, atol=0)
-    # the traces that rank the frequencies for the estimate
-    torch.testing.assert_close(gram.traces(), torch.view_as_real(side).square().sum(
-        dim=(1, 2, 3)).double(), rtol=1e-5, atol=0)
-
-
 # ---------------------------------------------------------------- the C++ layer op
 _LAYER_OP = pytest.mark.skipif(not hasattr(torch.ops.lipkern, "certify_layer"),
                                reason="lipkern._C without certify_layer")

@@ -226,78 +226,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> certify_frequencies_cpu(
   return {info, pl, pb};
 }
 
-// The frequency path without its (G, F, co, ci) intermediate: each frequency's matrix
-// A_f = sum_q T_q (cos + i sin)(angle_fq) is formed in the thread's buffer (float32 sums of
-// Q terms in tap order, the error gram.py bounds), as B = A (left, n = co) or B = A^H
-// (n = ci), then certified as above. taps: (G, Q, co, ci) float32 (tap-major); ph: (F, Q, 2) float32
-// (cos, sin); ids: (K,) int64 indices g * F + f to do; mu: (K,) float32. Returns as
-// certify_frequencies, per entry of ids.
-std::tuple<at::Tensor, at::Tensor, at::Tensor> certify_taps_cpu(
-    const at::Tensor& taps_in, const at::Tensor& ph_in, const at::Tensor& ids_in,
-    const at::Tensor& mu_in, bool left) {
-  TORCH_CHECK(taps_in.scalar_type() == at::kFloat && taps_in.dim() == 4,
-              "certify_taps: taps must be (G, Q, co, ci) float32");
-  TORCH_CHECK(ph_in.scalar_type() == at::kFloat && ph_in.dim() == 3 && ph_in.size(2) == 2 &&
-                  ph_in.size(1) == taps_in.size(1),
-              "certify_taps: ph must be (F, Q, 2) float32");
-  TORCH_CHECK(ids_in.scalar_type() == at::kLong && ids_in.dim() == 1,
-              "certify_taps: ids must be (K,) int64");
-  TORCH_CHECK(mu_in.scalar_type() == at::kFloat && mu_in.dim() == 1 &&
-                  mu_in.size(0) == ids_in.size(0),
-              "certify_taps: mu must be (K,) float32");
-  const Lapack& lp = checked_lapack();
-  const at::Tensor taps = taps_in.contiguous(), ph = ph_in.contiguous();
-  const at::Tensor ids = ids_in.contiguous(), mu = mu_in.contiguous();
-  const int64_t gr = taps.size(0), nf = ph.size(0), nk = ids.size(0);
-  const int nq = static_cast<int>(taps.size(1));
-  const int co = static_cast<int>(taps.size(2)), ci = static_cast<int>(taps.size(3));
-  const int n = left ? co : ci, m = left ? ci : co;
-  const int64_t* idp = ids.data_ptr<int64_t>();
-  for (int64_t k = 0; k < nk; ++k)
-    TORCH_CHECK(idp[k] >= 0 && idp[k] < gr * nf, "certify_taps: ids out of range");
-  auto info = at::zeros({nk}, taps.options().dtype(at::kInt));
-  auto pl = at::zeros({nk}, taps.options().dtype(at::kDouble));
-  auto pb = at::zeros({nk}, taps.options().dtype(at::kDouble));
-  const float* tp = taps.data_ptr<float>();
-  const float* php = ph.data_ptr<float>();
-  const float* mup = mu.data_ptr<float>();
-  int* infop = info.data_ptr<int>();
-  double* plp = pl.data_ptr<double>();
-  double* pbp = pb.data_ptr<double>();
-  at::parallel_for(0, nk, 1, [&](int64_t b0, int64_t b1) {
-    const int64_t e_len = static_cast<int64_t>(co) * ci;
-    std::vector<cf> s, bbuf(static_cast<size_t>(n) * m);
-    std::vector<float> absm, re(e_len), im(e_len);
-    for (int64_t k = b0; k < b1; ++k) {
-      const int64_t g = idp[k] / nf, f = idp[k] % nf;
-      const float* tg = tp + g * nq * e_len;
-      const float* pf = php + f * nq * 2;
-      std::fill(re.begin(), re.end(), 0.f);
-      std::fill(im.begin(), im.end(), 0.f);
-      for (int q = 0; q < nq; ++q) {  // tap-major: contiguous, vectorized
-        const float* t = tg + q * e_len;
-        const float c = pf[2 * q], sn = pf[2 * q + 1];
-        for (int64_t e = 0; e < e_len; ++e) {
-          re[e] += t[e] * c;
-          im[e] += t[e] * sn;
-        }
-      }
-      if (left) {
-        for (int64_t e = 0; e < e_len; ++e) bbuf[e] = cf(re[e], im[e]);  // B = A
-      } else {
-        for (int o = 0; o < co; ++o)  // B = A^H: row c holds conj(A[:, c])
-          for (int c = 0; c < ci; ++c) {
-            const int64_t e = static_cast<int64_t>(o) * ci + c;
-            bbuf[static_cast<int64_t>(c) * co + o] = cf(re[e], -im[e]);
-          }
-      }
-      infop[k] = certify_one(lp, bbuf.data(), n, m, false, mup[k], s, absm, plp + k, pbp + k);
-    }
-  });
-  return {info, pl, pb};
-}
-
-
 // ---------------------------------------------------------------- the whole layer in one call
 // certify_layer: every frequency of one layer (python/lipkern/certified/certify.py,
 // certify_cpp): the estimate, the Gram matrices and the certificate without a round trip.
@@ -1275,8 +1203,6 @@ at::Tensor tap_major_cpu(const at::Tensor& w_in, const at::Tensor& slots_in, int
 
 TORCH_LIBRARY_FRAGMENT(lipkern, m) {
   m.def("certify_frequencies(Tensor side, Tensor mu, bool is_gram) -> (Tensor, Tensor, Tensor)");
-  m.def("certify_taps(Tensor taps, Tensor ph, Tensor ids, Tensor mu, bool left) -> "
-        "(Tensor, Tensor, Tensor)");
   m.def("certify_layer(Tensor taps, Tensor ph, Tensor freqs, int mh, int mw, Tensor used, "
         "Tensor order, "
         "int n_top, Tensor start, bool left, "
@@ -1288,7 +1214,6 @@ TORCH_LIBRARY_FRAGMENT(lipkern, m) {
 
 TORCH_LIBRARY_IMPL(lipkern, CPU, m) {
   m.impl("certify_frequencies", &lipkern::cpu::certify_frequencies_cpu);
-  m.impl("certify_taps", &lipkern::cpu::certify_taps_cpu);
   m.impl("certify_layer", &lipkern::cpu::certify_layer_cpu);
   m.impl("tap_major", &lipkern::cpu::tap_major_cpu);
 }

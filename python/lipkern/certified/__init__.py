@@ -148,7 +148,7 @@ def certify_symbol(sym: Symbol, generator=None, backend: str = "auto"):
         gram = gram_spatial(taps, sym.grid, freqs)
     else:
         gram = gram_frequency(taps, freqs, phase_angles(freqs, sym.grid, qh, qw, taps.device),
-                              use_triton=backend == "triton", use_cpp=use_cpp)
+                              use_triton=backend == "triton", use_cpp=layer_op)
     if layer_op:
         used = torch.ones(1, qh, qw, dtype=torch.bool)  # one block: every tap
         bound, lam, v, _ = certify_cpp(gram, freqs, sym.grid, used, generator)

@@ -34,8 +34,8 @@ Three implementations:
   (the bound independent of the thread count), its own Cholesky for n <= 128 and LAPACK
   potrf above, frequencies on a guided schedule.
   The default for CPU tensors when the extension is built.
-* ``certify`` with the C++ step ``lipkern::certify_frequencies`` / ``certify_taps`` (given
-  H_f or B_f; the spatial path's Gram matrices), and with batched ATen
+* ``certify`` with the C++ step ``lipkern::certify_frequencies`` (given H_f or B_f; the
+  spatial path's Gram matrices), and with batched ATen
   (``torch.linalg.cholesky_ex``, any device, backend "torch" and "triton").
 """
 from __future__ import annotations
@@ -99,12 +99,7 @@ def _step_torch(side: torch.Tensor, is_gram: bool, mu32: torch.Tensor):
     return info, pl, pb
 
 
-def _step(side: torch.Tensor, is_gram: bool, mu32: torch.Tensor, use_cpp: bool,
-          gram: Gram = None, ids: torch.Tensor = None):
-    if gram is not None and gram.side is None:  # the C++ step forms A_f itself
-        info, pl, pb = torch.ops.lipkern.certify_taps(gram.taps32, gram.ph, ids, mu32,
-                                                       gram.left)
-        return info, pl * (1 + 8 * U32), pb * (1 + 8 * U32)
+def _step(side: torch.Tensor, is_gram: bool, mu32: torch.Tensor, use_cpp: bool):
     if use_cpp:
         info, pl, pb = torch.ops.lipkern.certify_frequencies(side, mu32, is_gram)
         # the kernel bounds the Perron roots of the float32 moduli: (1 + 8 u) covers them
@@ -192,7 +187,7 @@ def certify(gram: Gram, use_cpp: bool, generator=None) -> Tuple[torch.Tensor, ..
             fresh = lam[ids] * (1 + CERT_MARGIN)
             mu[ids] = torch.where(fresh > mu[ids], fresh, mu[ids] * (1 + margin))
         trial32 = mu[ids].to(torch.float32)  # the value the factorization sees
-        info, pl, pb = _step(sub, is_gram, trial32, use_cpp, gram, ids)
+        info, pl, pb = _step(sub, is_gram, trial32, use_cpp)
         ok = info == 0
         if bool(ok.any()):
             good = ids[ok]

@@ -127,14 +127,14 @@ def gram_frequency(taps: torch.Tensor, freqs: List[Tuple[int, int]],
     """Gram matrices by the frequency path. taps (G, co, ci, Qh, Qw) float64 (scaled),
     angles (F, Q) float64 (``symbol.phase_angles``). use_triton: A_f by the Triton kernel
     (triton_kernels/certified.py), else by one ATen GEMM with the phase table. use_cpp:
-    none formed here (the C++ step forms each in its buffer; ``Gram.rows`` on demand)."""
+    none formed here (for the C++ layer op, which forms each in its buffer)."""
     gr, co, ci, qh, qw = taps.shape
     nf, nq = angles.shape
     t32 = taps.to(torch.float32).reshape(gr, co * ci, nq)
     left = co <= ci
     tabs = taps.abs().sum(dim=(3, 4))  # sum_q |T_q|, (G, co, ci)
     sigma_err = sigma_from_abs(nq, float(torch.linalg.vector_norm(tabs)))
-    if use_cpp:  # the C++ step forms each A_f in its own buffer (certify_taps)
+    if use_cpp:  # the C++ layer op forms each A_f in its own buffer (certify_layer)
         return Gram(None, False, None, sigma_err, left,
                     t32.transpose(1, 2).reshape(gr, nq, co, ci).contiguous(),
                     phase_table(angles))
