@@ -465,7 +465,10 @@ def spectral_norm_model(model: nn.Module, example_input=None, *, n_power_iterati
             D(real), D(fake) and the gradient penalty's D(x_hat)); the vectors advance once
             per update. Eager forwards of strategy "mixed" (the CPU default for conv models)
             and of "scaled_outputs" without autograd through the call; other strategies and
-            compiled forwards iterate per forward.
+            compiled forwards iterate per forward. Writes through ``.data`` do not bump a
+            tensor's version: after editing weights that way between two forwards of one
+            update (e.g. weight clipping before the step's first forward rather than after
+            ``optimizer.step()``), edit them in place under ``torch.no_grad()`` instead.
 
     Remove with :func:`remove_spectral_norm_model`.
     """
