@@ -279,16 +279,21 @@ def _count_compiles(model, x, calls=4):
     return len(graphs), sum(counters["recompiles"].values())
 
 
-@pytest.mark.parametrize("strategy", ["auto", "scaled_outputs", "inline"])
+@pytest.mark.parametrize("strategy", ["auto", "scaled_outputs", "inline", "per_update"])
 def test_compile_one_graph_no_recompile(strategy):
+    """One graph, no recompilation (power_iteration="per_update" included: compiled forwards
+    iterate per forward, the version check stays out of the graph)."""
     torch.manual_seed(0)
+    kw = {}
+    if strategy == "per_update":
+        strategy, kw = "auto", dict(power_iteration="per_update")
     if strategy == "inline":
         if not lipkern.ops.sn_linear.available():
             pytest.skip("needs the compiled extension")
         model, x = nn.Sequential(nn.Linear(5, 6), nn.ReLU(), nn.Linear(6, 2)), torch.randn(3, 5)
     else:
         model, x = models.SNGANCritic(ch=2), torch.randn(2, 3, 32, 32)
-    spectral_norm_model(model, strategy=strategy)
+    spectral_norm_model(model, strategy=strategy, **kw)
     graphs, recompiles = _count_compiles(model, x)
     assert (graphs, recompiles) == (1, 0)
 
