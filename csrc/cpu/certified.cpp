@@ -297,7 +297,7 @@ constexpr int64_t kFailedKeepBytes = int64_t(256) << 20;
 
 struct Scratch {
   std::vector<std::vector<cf>> bufs;
-  std::vector<float> acc, absm;
+  std::vector<float> absm;
   std::vector<cf> tmp, own, s;
   std::vector<cf> kept, cgram;  // the calling thread's: read by every thread of one call
 
@@ -307,7 +307,7 @@ struct Scratch {
   }
   void trim_work() {  // after each parallel body
     for (auto& b : bufs) trim_one(b);
-    trim_one(acc), trim_one(absm), trim_one(tmp), trim_one(own), trim_one(s);
+    trim_one(absm), trim_one(tmp), trim_one(own), trim_one(s);
   }
   void trim_shared() { trim_one(kept), trim_one(cgram); }  // after the call
 };
@@ -355,7 +355,7 @@ double frobenius_lower(double tr_s, int n) {
          (1.0 - inner_constant(n));
 }
 
-// sum_i fl(H)_ii in double (the trial_below input: a choice, not a bound)
+// sum_i fl(H)_ii in double (trial_below's input, and trace_bound's before rounding up)
 double trace_of(const cf* g, int n) {
   double t = 0.0;
   for (int i = 0; i < n; ++i) t += static_cast<double>(g[i + static_cast<int64_t>(i) * n].real());
@@ -389,9 +389,7 @@ int64_t grab_chunk(std::atomic<int64_t>& next, int64_t n, int64_t cap, int64_t* 
 // sum_i fl(H)_ii / (1 - kappa), rounded up: >= ||B||_F^2 (kappa: the Gram's constant,
 // |fl(H) - H| <= kappa |B| |B|^T, whose diagonal is H's own)
 double trace_bound(const cf* g, int n, double kappa) {
-  double t = 0.0;
-  for (int i = 0; i < n; ++i) t += static_cast<double>(g[i + static_cast<int64_t>(i) * n].real());
-  return t * (1.0 + 1e-12) / (1.0 - kappa);
+  return trace_of(g, n) * (1.0 + 1e-12) / (1.0 - kappa);
 }
 
 // y = G x for the Hermitian G stored as gram_blocks leaves it (x, y: n complex).
@@ -561,8 +559,7 @@ struct Block {
 // sums of the block's taps in tap order (the error gram.py bounds: Q terms at most).
 LIPKERN_CLONES void form_blocks(const float* tg, const float* php, int nq, int co, int cip,
                                 const std::vector<const Block*>& blks, const int64_t* fs, int nb,
-                                int m_f, std::vector<std::vector<cf>>& out,
-                                std::vector<float>& acc) {
+                                int m_f, std::vector<std::vector<cf>>& out) {
   const int64_t e_len = static_cast<int64_t>(co) * cip;
   for (int64_t o = 0; o < co; ++o) {
     for (int64_t j = 0; j < nb; ++j) {
@@ -870,7 +867,7 @@ certify_layer_cpu(const at::Tensor& taps_in, const at::Tensor& ph_in,
   // the cached blocks' Perron bounds, made on the first request (bound_b; -1: not yet)
   std::vector<std::atomic<double>> cpb(ncache);
   for (auto& v : cpb) v.store(-1.0);
-  auto form_cached = [&](int64_t sl, std::vector<std::vector<cf>>& buf, std::vector<float>& acc,
+  auto form_cached = [&](int64_t sl, std::vector<std::vector<cf>>& buf,
                          std::vector<cf>& tmp) -> int {  // A^p (B^p) of slot sl into buf[0]
     const int64_t g = sl / cbase.back(), within = sl % cbase.back();
     size_t c = 0;
@@ -878,7 +875,7 @@ certify_layer_cpu(const at::Tensor& taps_in, const at::Tensor& ph_in,
     const Block* b = cached[c];
     const int64_t f = b->rep[within - cbase[c]];
     buf[0].resize(static_cast<size_t>(co) * b->ncols);
-    form_blocks(tp + g * nq * e_len, php, nq, co, cip, {b}, &f, 1, b->ncols, buf, acc);
+    form_blocks(tp + g * nq * e_len, php, nq, co, cip, {b}, &f, 1, b->ncols, buf);
     if (!left) {  // the one block, B = A^H
       conj_transpose(buf[0], co, cip, tmp);
       std::swap(buf[0], tmp);
@@ -888,22 +885,19 @@ certify_layer_cpu(const at::Tensor& taps_in, const at::Tensor& ph_in,
   dynamic_chunks(ncache, [&](std::atomic<int64_t>& next) {
     Scratch& sc = scratch();
     if (sc.bufs.empty()) sc.bufs.resize(1);
-    auto& buf = sc.bufs;
-    auto& acc = sc.acc;
-    auto& tmp = sc.tmp;
     for (int64_t sl; (sl = next.fetch_add(1)) < ncache;) {
-      const int inner = form_cached(sl, buf, acc, tmp);
-      gram_blocks(lp, buf[0].data(), n, inner, cgram.data() + sl * nn);
+      const int inner = form_cached(sl, sc.bufs, sc.tmp);
+      gram_blocks(lp, sc.bufs[0].data(), n, inner, cgram.data() + sl * nn);
     }
   });
 
-  // H_f's blocks (lower region) into h and the Perron bound of |B_f| into pbp, for a batch
-  // of flat ids of one group
+  // H_f's blocks (lower region) into dest(j) for a batch of flat ids of one group, B_f left
+  // in the thread's sc.bufs[j]
   const int64_t fb_max = std::max<int64_t>(
       1, std::min<int64_t>(16, (int64_t(8) << 20) / std::max<int64_t>(1, 8LL * n * m_f)));
-  auto build = [&](const int64_t* ids, int cnt, std::vector<std::vector<cf>>& bufs,
-                   std::vector<float>& acc, std::vector<float>& absm, std::vector<cf>& tmp,
+  auto build = [&](const int64_t* ids, int cnt, Scratch& sc,
                    const std::function<cf*(int)>& dest) {
+    auto& bufs = sc.bufs;
     const int64_t g = ids[0] / nf;
     std::vector<int64_t> fs(cnt);
     std::vector<const cf*> csrc;
@@ -912,12 +906,11 @@ certify_layer_cpu(const at::Tensor& taps_in, const at::Tensor& ph_in,
     if (m_f > 0) {
       if (static_cast<int>(bufs.size()) < cnt) bufs.resize(cnt);
       for (int j = 0; j < cnt; ++j) bufs[j].resize(static_cast<size_t>(co) * form_cols);
-      form_blocks(tp + g * nq * e_len, php, nq, co, cip, per_f, fs.data(), cnt, form_cols, bufs,
-                  acc);
+      form_blocks(tp + g * nq * e_len, php, nq, co, cip, per_f, fs.data(), cnt, form_cols, bufs);
       if (!left) {
         for (int j = 0; j < cnt; ++j) {
-          conj_transpose(bufs[j], co, cip, tmp);
-          std::swap(bufs[j], tmp);
+          conj_transpose(bufs[j], co, cip, sc.tmp);
+          std::swap(bufs[j], sc.tmp);
         }
       }
     }
@@ -948,13 +941,12 @@ certify_layer_cpu(const at::Tensor& taps_in, const at::Tensor& ph_in,
     if (m_f == 0 || kappa * trb <= kFrobeniusShareB * t) return trb;
     double pbj = 0.0;
     std::vector<std::vector<cf>> cbuf(1);
-    std::vector<float> cacc;
     std::vector<cf> ctmp;
     for (size_t c = 0; c < cached.size(); ++c) {
       const int64_t sl = (id / nf) * cbase.back() + cbase[c] + cached[c]->key_of[id % nf];
       double v = cpb[sl].load();
       if (v < 0) {  // first request (two threads may both make it: the same value)
-        const int inner = form_cached(sl, cbuf, cacc, ctmp);
+        const int inner = form_cached(sl, cbuf, ctmp);
         v = perron_of_side(cbuf[0].data(), n, inner, absm);
         cpb[sl].store(v);
       }
@@ -984,23 +976,18 @@ certify_layer_cpu(const at::Tensor& taps_in, const at::Tensor& ph_in,
       1, std::min<int64_t>(fb_max, nk / std::max<int64_t>(1, at::get_num_threads())));
   dynamic_chunks(nk, [&](std::atomic<int64_t>& next) {
     Scratch& sc = scratch();
-    auto& bufs = sc.bufs;
-    auto& acc = sc.acc;
-    auto& absm = sc.absm;
-    auto& tmp = sc.tmp;
     for (int64_t k0; (k0 = next.fetch_add(top_chunk)) < nk;) {
      const int64_t k1 = std::min(nk, k0 + top_chunk);
      for (int64_t k = k0; k < k1;) {
       const int64_t e = batch_end(k, k1);
-      build(topp + k, static_cast<int>(e - k), bufs, acc, absm, tmp,
+      build(topp + k, static_cast<int>(e - k), sc,
             [&](int j) { return kept.data() + (k + j) * nn; });
       for (int64_t j = k; j < e; ++j) {
         const int64_t id = topp[j];
         estimate(kept.data() + j * nn, id, static_cast<int>(est_steps));
         // B_f is gone after this batch: its bound now, against the likely first trial
-        pbp[id] = bound_b(id, kept.data() + j * nn, m_f > 0 ? bufs[j - k] : no_side,
-                          estp[id] * (1 + margin),
-                          absm);
+        pbp[id] = bound_b(id, kept.data() + j * nn, m_f > 0 ? sc.bufs[j - k] : no_side,
+                          estp[id] * (1 + margin), sc.absm);
       }
       k = e;
      }
@@ -1027,12 +1014,7 @@ certify_layer_cpu(const at::Tensor& taps_in, const at::Tensor& ph_in,
   // 2. every frequency: Gram, factorization at mu0
   dynamic_chunks(nt, [&](std::atomic<int64_t>& next) {
     Scratch& sc = scratch();
-    auto& bufs = sc.bufs;
-    auto& acc = sc.acc;
-    auto& absm = sc.absm;
-    auto& tmp = sc.tmp;
     auto& own = sc.own;
-    auto& s = sc.s;
     // chunks in the rotated order r: the formed frequencies first (by trace), the kept ones
     // (factorization only, the cheapest) last; chunks shrink toward the end (guided) so the
     // threads finish together
@@ -1047,7 +1029,7 @@ certify_layer_cpu(const at::Tensor& taps_in, const at::Tensor& ph_in,
       if (pos >= nk) {  // not kept: form this batch's Grams
         e = batch_end(pos, b1);
         own.resize(static_cast<size_t>(e - pos) * nn);
-        build(topp + pos, static_cast<int>(e - pos), bufs, acc, absm, tmp,
+        build(topp + pos, static_cast<int>(e - pos), sc,
               [&](int j) { return own.data() + j * nn; });
       }
       for (int64_t j = pos; j < e; ++j) {
@@ -1060,16 +1042,16 @@ certify_layer_cpu(const at::Tensor& taps_in, const at::Tensor& ph_in,
           const double t_low = trial_below(mu0, trace_of(g, n), n);
           if (!(estp[id] * (1.0 + margin) >= t_low)) {
             trp[id] = round_up32(t_low);
-            inf = factor_shifted(lp, g, n, trp[id], s, absm, plp + id, false);
+            inf = factor_shifted(lp, g, n, trp[id], sc.s, sc.absm, plp + id, false);
           }
         }
         if (inf != 0) {
           trp[id] = round_up32(mu0);
-          inf = factor_shifted(lp, g, n, trp[id], s, absm, plp + id, perron_l);
+          inf = factor_shifted(lp, g, n, trp[id], sc.s, sc.absm, plp + id, perron_l);
         }
         infop[id] = inf;
         if (slot[id] < 0)  // || |B| ||^2 while B_f is here (the kept ones: from step 1)
-          pbp[id] = bound_b(id, g, m_f > 0 ? bufs[j - pos] : no_side, mu0, absm);
+          pbp[id] = bound_b(id, g, m_f > 0 ? sc.bufs[j - pos] : no_side, mu0, sc.absm);
         if (inf != 0) {
           std::lock_guard<std::mutex> lock(failed_mu);
           // the Gram copied out while the copies stay within kFailedKeepBytes (else formed
@@ -1099,8 +1081,7 @@ certify_layer_cpu(const at::Tensor& taps_in, const at::Tensor& ph_in,
       if (slot[id] >= 0) return kept.data() + slot[id] * nn;
       if (!failed[k].second.empty()) return failed[k].second.data();
       sc.own.resize(static_cast<size_t>(nn));  // not kept past the budget: formed again
-      build(&failed[k].first, 1, sc.bufs, sc.acc, sc.absm, sc.tmp,
-            [&](int) { return sc.own.data(); });
+      build(&failed[k].first, 1, sc, [&](int) { return sc.own.data(); });
       return sc.own.data();
     };
     dynamic_chunks(nfail, [&](std::atomic<int64_t>& next) {

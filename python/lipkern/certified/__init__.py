@@ -269,8 +269,8 @@ def certified_sigma(weights: Sequence[torch.Tensor],
     for i, (w, g) in enumerate(zip(weights, geoms)):
         # max |w| in one pass (aminmax: ~10x faster than abs().max() here); NaN propagates,
         # so the check below sees NaN and Inf
-        amax = max(-float(v) if i == 0 else float(v) for i, v in
-                   enumerate(torch.aminmax(w.detach()))) if w.numel() else 0.0
+        lo, hi = torch.aminmax(w.detach()) if w.numel() else (torch.zeros(()),) * 2
+        amax = max(-float(lo), float(hi))
         if not math.isfinite(amax):
             raise ValueError(f"weights[{i}] contains NaN or Inf values")
         grad = torch.is_grad_enabled() and w.requires_grad

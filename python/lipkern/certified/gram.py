@@ -82,10 +82,22 @@ class Gram(NamedTuple):
             if self.is_gram:
                 return self.side.diagonal(dim1=-2, dim2=-1).real.sum(-1).double()
             return torch.view_as_real(self.side).square().sum(dim=(1, 2, 3)).double()
-        t = self.taps32.flatten(2, 3)  # (G, Q, E)
-        k = (t @ t.transpose(1, 2)).double()  # (G, Q, Q): <T_q, T_q'> (a ranking: float32)
+        k = tap_inner(self.taps32).double()  # <T_q, T_q'> (a ranking: float32)
         z = torch.view_as_complex(self.ph.double().contiguous())  # (F, Q)
         return torch.einsum("fq,gqr,fr->gf", z, k.to(z.dtype), z.conj()).real.reshape(-1)
+
+
+def tap_inner(taps32: torch.Tensor) -> torch.Tensor:
+    """(G, Q, Q) float32 ``<T_q, T_r>`` of tap-major taps (G, Q, co, ci) float32. One
+    (Q x E) (E x Q) product runs on one thread at ~6 GB/s here (1.6 ms at 512 x 512 x 9);
+    for one group, eight partial products of a strided view (no copy) take 0.3 ms."""
+    gr, nq = taps32.shape[:2]
+    e = taps32.shape[2] * taps32.shape[3]
+    if gr == 1 and e % 8 == 0 and e >= 8 * 1024 and taps32.is_contiguous():
+        t = taps32.view(nq, 8, e // 8).transpose(0, 1)  # (8, Q, E / 8)
+        return torch.bmm(t, t.transpose(1, 2)).sum(0, keepdim=True)
+    t = taps32.flatten(2, 3)  # (G, Q, E)
+    return torch.bmm(t, t.transpose(1, 2))
 
 
 def inner_constant(m: int, u: float = U32) -> float:

@@ -13,6 +13,7 @@ from typing import List, NamedTuple, Tuple
 import torch
 
 from ..spec import KIND_DENSE, LayerGeom
+from .gram import tap_inner
 from .symbol import frequencies, layout, phase_angles, phase_table
 
 
@@ -62,14 +63,5 @@ def _make_plan(g: LayerGeom) -> LayerPlan:
 def trace_order(taps32: torch.Tensor, plan: LayerPlan) -> torch.Tensor:
     """(G * F,) int64: the flat ids g * F + f by decreasing ``tr H_f = ||A_f||_F^2`` (float32:
     a ranking for the estimates, not a bound). taps32: (G, Q, co, ci) float32."""
-    gr, nq = taps32.shape[:2]
-    e = taps32.shape[2] * taps32.shape[3]
-    # <T_q, T_r> (G, Q, Q) as a sum of 8 partial products: one (Q x E) (E x Q) product runs
-    # on one thread at ~6 GB/s here (1.6 ms at 512 x 512 x 9), eight of E / 8 in 0.3 ms
-    if gr == 1 and e % 8 == 0 and e >= 8 * 1024:  # (a strided view: no copy)
-        t = taps32.view(nq, 8, e // 8).transpose(0, 1)  # (8, Q, E / 8)
-        k = torch.bmm(t, t.transpose(1, 2)).sum(0, keepdim=True)  # (1, Q, Q)
-    else:
-        t = taps32.flatten(2, 3)  # (G, Q, E)
-        k = torch.bmm(t, t.transpose(1, 2))
+    k = tap_inner(taps32)  # (G, Q, Q)
     return (k.flatten(1) @ plan.cos_diff.T).flatten().argsort(descending=True)
