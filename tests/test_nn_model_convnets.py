@@ -194,7 +194,8 @@ def test_operator_mode_matches_per_layer_operator_mode(loss_fn, strategy, coeff,
     monkeypatch.setattr(strategies, "operator_unit_grads", counted)
     base = _critic()
     x = torch.randn(1, 3, 32, 32)
-    ours = _ours(base, example_input=x, mode="operator", strategy=strategy, coeff=coeff)
+    ours = _ours(base, example_input=x, mode="operator", strategy=strategy, coeff=coeff,
+                 power_iteration="per_forward")  # the per-layer rule (the default is per_update)
     want = _per_layer_operator(base, x, coeff=coeff)
     _assert_same_steps(_steps(ours, loss_fn), _steps(want, loss_fn))
     for k, v in _vectors(want).items():
@@ -229,12 +230,19 @@ def test_direct_call_is_the_groups_fused_call(mode, dtype):
                 assert a.dtype == b.dtype and torch.equal(a, b)
 
 
+@pytest.mark.parametrize("cpp", [True, False], ids=["cpp", "aten"])
 @pytest.mark.parametrize("kind", ["matrix", "operator", "operator_unit"])
-def test_divided_by_sigma_equals_the_composite_at_two_orders(kind):
-    """DividedBySigma (the divided layers' W / sigma with a leaner first-order backward)
+def test_divided_by_sigma_equals_the_composite_at_two_orders(kind, cpp, monkeypatch):
+    """DividedBySigma (the divided layers' W / sigma with a leaner first-order backward:
+    lipkern::divided_backward where the extension is built, else three ATen ops)
     against the composite divided(W, SigmaFromVectors) it replaces: float64, first-order
     gradient and the second-order terms (d/dW and d/dg of <grad, h>), to 1e-12."""
+    from lipkern.nn import divided_weight
     from lipkern.nn.divided_weight import divided, divided_fast, sigma_fast
+    if cpp and lipkern.backends.load_ext() is None:
+        pytest.skip("needs lipkern._C")
+    if not cpp:
+        monkeypatch.setattr(divided_weight, "_divided_backward", lambda: None)
     from lipkern.layout import layout_for
     from lipkern.reference import weight_grad
     g = torch.Generator().manual_seed(4)
@@ -260,6 +268,45 @@ def test_divided_by_sigma_equals_the_composite_at_two_orders(kind):
         out.append((y.detach(), first, gw.detach(), *second))
     for a, b in zip(*out):
         torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-14)
+
+
+@pytest.mark.skipif(lipkern.backends.load_ext() is None, reason="needs lipkern._C")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("shape", [(7, 3, 3, 3), (300, 200), (256, 256, 3, 3)])
+@pytest.mark.parametrize("unit", [False, True])
+def test_divided_backward_op_against_float64(shape, dtype, unit):
+    """lipkern::divided_backward = g / s - <g, W> / s^2 * D (D = u x^T, or the given
+    weight-sized d) against float64 on fresh inputs, a strided g included, the same bits at
+    1 and 2 threads (the dot is summed in fixed blocks), and refusals that name the input."""
+    g0 = torch.Generator().manual_seed(11)
+    w = torch.randn(shape, generator=g0, dtype=dtype)
+    gt = torch.randn(shape[::-1], generator=g0, dtype=dtype)
+    g = gt.permute(*reversed(range(len(shape))))  # not contiguous
+    s = torch.tensor(0.37, dtype=dtype)
+    rows, n = shape[0], w[0].numel()
+    u = torch.randn(rows, generator=g0, dtype=dtype)
+    x = torch.randn(n, generator=g0, dtype=dtype)
+    d = torch.randn(shape, generator=g0, dtype=dtype) if unit else None
+    D = d.double() if unit else torch.outer(u.double(), x.double()).view(shape)
+    want = g.double() / 0.37 - (g.double() * w.double()).sum() / 0.37 ** 2 * D
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = torch.ops.lipkern.divided_backward(g, w, s, u, x, d)
+        torch.set_num_threads(2)
+        two = torch.ops.lipkern.divided_backward(g, w, s, u, x, d)
+    finally:
+        torch.set_num_threads(threads)
+    assert one.dtype == dtype and one.shape == w.shape and torch.equal(one, two)
+    tol = 1e-5 if dtype == torch.float32 else 1e-12
+    err = (one.double() - want).abs().max() / want.abs().max()
+    assert err < tol, err
+    with pytest.raises(RuntimeError, match="dtype"):
+        torch.ops.lipkern.divided_backward(g, w, s.double() if dtype == torch.float32 else
+                                           s.float(), u, x, d)
+    if not unit:
+        with pytest.raises(RuntimeError, match="u, x"):
+            torch.ops.lipkern.divided_backward(g, w, s, u[1:], x, None)
 
 
 # ---------------------------------------------------------------- torch.compile
@@ -526,9 +573,12 @@ def test_per_update_is_one_iteration_per_step(mode, losses):
     base = _critic()
     x = torch.randn(1, 3, 32, 32)
     kw = dict(example_input=x, mode="operator") if mode == "operator" else {}
-    ours = _ours(base, power_iteration="per_update", **kw)
-    want = _ours(base, **kw)
+    # operator mode: the default ("auto") is per_update; matrix mode: asked for
+    ours = _ours(base, **kw) if mode == "operator" else \
+        _ours(base, power_iteration="per_update", **kw)
+    want = _ours(base, power_iteration="per_forward", **kw)
     group = ours._lipkern_spectral_norm
+    assert group.per_update and not want._lipkern_spectral_norm.per_update
     calls0 = group.calls
     got = _steps(ours, loss, steps=3)
     assert group.calls - calls0 == 3  # one per step, not one per forward
@@ -540,7 +590,7 @@ def test_per_update_is_one_iteration_per_step(mode, losses):
 def test_per_update_recomputes_after_any_change():
     """An in-place change of a weight, a loaded state_dict or a write into the vectors
     between two forwards starts a new fused call; eval forwards in between do not advance
-    the vectors; per_forward (the default) calls every training forward."""
+    the vectors; per_forward (the matrix-mode default) calls every training forward."""
     base = _critic()
     m = _ours(base, power_iteration="per_update")
     group = m._lipkern_spectral_norm
@@ -564,5 +614,9 @@ def test_per_update_recomputes_after_any_change():
     cd = d._lipkern_spectral_norm.calls
     d(x), d(x)
     assert d._lipkern_spectral_norm.calls == cd + 2
+    e = _ours(base, example_input=x[:1], mode="operator", power_iteration="per_forward")
+    ce = e._lipkern_spectral_norm.calls
+    e(x[:1]), e(x[:1])
+    assert e._lipkern_spectral_norm.calls == ce + 2
     with pytest.raises(ValueError, match="power_iteration must be"):
         _ours(base, power_iteration="per_step")

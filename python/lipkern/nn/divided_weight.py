@@ -105,6 +105,15 @@ class DividedBySigma(torch.autograd.Function):
                 y = divided(w, sigma_fast(geom, w, ctx.sigma, u, x, matrix, 0, unit))
                 gw, = torch.autograd.grad(y, w, g, create_graph=True)
             return gw, None, None
+        if w.device.type == "cpu" and _divided_backward() is not None:
+            # the same two terms in one C++ call of two passes (csrc/cpu/divided.cpp)
+            d = None
+            if not matrix:
+                from ..reference import weight_grad
+                d = (unit() if unit is not None else weight_grad(
+                    geom, x.detach().to(w.dtype), u.detach().to(w.dtype))).to(w.dtype)
+            return _divided_backward()(g, w, s, u.detach().to(w.dtype),
+                                       x.detach().to(w.dtype), d), None, None
         # g / sigma + c dsigma/dW, c = -<g, W> / sigma^2 = -<g / sigma, W> / sigma: the
         # scalars stay tensors (no host read in a training step, tests/test_host_sync.py);
         # g / sigma written straight into a contiguous tensor, and the dot taken on it (a
@@ -123,6 +132,12 @@ class DividedBySigma(torch.autograd.Function):
             geom, x.detach().to(base.dtype), u.detach().to(base.dtype))
         base.view(-1).addcmul_(d.view(-1), c)
         return base, None, None
+
+
+def _divided_backward():
+    """``lipkern::divided_backward`` (the C++ extension), or None where it is not built."""
+    from ..backends import load_ext
+    return torch.ops.lipkern.divided_backward if load_ext() is not None else None
 
 
 def divided_fast(geom, w: torch.Tensor, sigma: torch.Tensor, u: torch.Tensor,

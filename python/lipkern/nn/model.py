@@ -409,7 +409,7 @@ def spectral_norm_model(model: nn.Module, example_input=None, *, n_power_iterati
                         mode: str = "matrix", cache_eval: bool = False,
                         backend: str = "auto", strategy: str = "auto",
                         coeff: Optional[float] = None,
-                        power_iteration: str = "per_forward") -> nn.Module:
+                        power_iteration: str = "auto") -> nn.Module:
     """Spectrally normalize every selected layer of ``model`` in place, with ONE fused call
     (one ``lipkern::`` op) per model forward for all of them (strategy "inline", the CPU
     default for Linear-only models, instead folds each layer's iteration into its own op).
@@ -456,7 +456,8 @@ def spectral_norm_model(model: nn.Module, example_input=None, *, n_power_iterati
             for a Linear-only model on the CPU (backend "auto" or "cpp", the extension
             built, no coeff), "mixed" for any other model on the CPU, else "scaled_outputs".
 
-        power_iteration: "per_forward" (torch's rule: ``n_power_iterations`` in every
+        power_iteration: "auto" (the default: "per_forward" in matrix mode, "per_update" in
+            operator mode), "per_forward" (torch's rule: ``n_power_iterations`` in every
             training forward) or "per_update": a training forward whose weights and vectors
             are those the previous training forward left (no optimizer step, no load, no
             in-place change since: their version counters) reuses that forward's sigmas,
@@ -469,6 +470,12 @@ def spectral_norm_model(model: nn.Module, example_input=None, *, n_power_iterati
             tensor's version: after editing weights that way between two forwards of one
             update (e.g. weight clipping before the step's first forward rather than after
             ``optimizer.step()``), edit them in place under ``torch.no_grad()`` instead.
+            Why "auto" differs by mode: matrix mode is torch's spectral_norm and keeps its
+            rule; the conv operator's iteration costs three one-sample passes per conv
+            (1/B of the convs' own work at batch B) and per forward would make a GAN's D
+            step with two or three forwards pay that two or three times for one update
+            (bench/NOTES.md, issue 16). The per-layer
+            ``lipkern.nn.spectral_norm(mode="operator")`` iterates every training forward.
 
     Remove with :func:`remove_spectral_norm_model`.
     """
@@ -486,9 +493,11 @@ def spectral_norm_model(model: nn.Module, example_input=None, *, n_power_iterati
         raise ValueError(f"mode must be 'matrix' or 'operator', got {mode!r}")
     if strategy not in STRATEGIES:
         raise ValueError(f"strategy must be one of {STRATEGIES}, got {strategy!r}")
-    if power_iteration not in ("per_forward", "per_update"):
-        raise ValueError("power_iteration must be 'per_forward' or 'per_update', got "
+    if power_iteration not in ("auto", "per_forward", "per_update"):
+        raise ValueError("power_iteration must be 'auto', 'per_forward' or 'per_update', got "
                          f"{power_iteration!r}")
+    if power_iteration == "auto":
+        power_iteration = "per_update" if mode == "operator" else "per_forward"
     if coeff is not None and (isinstance(coeff, bool) or not isinstance(coeff, (int, float))
                               or not coeff > 0 or coeff == float("inf")):
         raise ValueError(f"coeff must be None or a finite float > 0, got {coeff!r}")
