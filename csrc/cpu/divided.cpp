@@ -78,7 +78,7 @@ at::Tensor divided_backward_impl(const at::Tensor& g, const at::Tensor& w, const
   double dot = 0;
   for (double p : part) dot += p;
   const T inv_s = static_cast<T>(1.0 / sd);
-  const T c = static_cast<T>(-dot / (sd * sd));
+  const T c = static_cast<T>(-(dot / sd) / sd);  // not dot / s^2: s^2 leaves double's range
   at::Tensor out = at::empty_like(w, at::MemoryFormat::Contiguous);
   T* op = out.data_ptr<T>();
   at::parallel_for(0, blocks, 1, [&](int64_t b0, int64_t b1) {

@@ -60,7 +60,7 @@ from ..power_iter import fused_power_iter
 from ..spec import ConvSpec
 from ..validate import compute_dtype
 from .parametrization import (_CONV, _TRANSPOSED, _spec_from_module, check_input_size,
-                              input_spatial_size, make_picklable)
+                              input_spatial_size, make_picklable, warn_if_zero)
 from .divided_weight import divided, scale_of
 from .strategies import STRATEGIES, Inline, Strategy, make_strategies, store_state
 
@@ -517,6 +517,7 @@ def spectral_norm_model(model: nn.Module, example_input=None, *, n_power_iterati
                              f"fused call needs one dtype and device")
         if not torch.isfinite(w).all():
             raise ValueError(f"{qname}.weight contains NaN or Inf values")
+        warn_if_zero(f"{qname}.weight", w, coeff)
     specs: List[Optional[ConvSpec]] = [None] * len(targets)
     if mode == "operator":
         if example_input is None:

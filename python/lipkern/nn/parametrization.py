@@ -20,6 +20,7 @@ operator's vectors (``_u`` output space, ``_v`` input space, flattened).
 """
 from __future__ import annotations
 
+import warnings
 from collections import OrderedDict
 from typing import Optional, Tuple, Union
 
@@ -338,6 +339,20 @@ def _spatial_size(module: nn.Module, input_size):
     return input_size
 
 
+def warn_if_zero(name: str, weight: torch.Tensor, coeff: Optional[float]) -> None:
+    """Warn at registration that an all-zero weight has no normalized value: sigma is 0 and
+    ``W / sigma`` is 0 / 0 (NaN from the first training forward, as with torch's
+    spectral_norm) unless nonzero weights are loaded before it. ``coeff`` (soft
+    normalization, ``W * min(1, coeff / sigma)``) keeps a zero weight zero: no warning."""
+    if coeff is None and weight.device.type != "meta" and weight.numel() and \
+            not bool(weight.detach().any()):
+        warnings.warn(f"{name} is all zeros: its spectral norm is 0 and W / sigma = 0 / 0 "
+                      f"gives NaN from the first training forward (as torch's spectral_norm "
+                      f"does) unless nonzero weights are loaded first; initialize it before "
+                      f"normalizing, or pass coeff= (soft normalization keeps a zero weight "
+                      f"zero)", UserWarning, stacklevel=3)
+
+
 def spectral_norm(module: nn.Module, name: str = "weight", n_power_iterations: int = 1,
                   eps: float = 1e-12, dim: Optional[int] = None, *, mode: str = "matrix",
                   input_size: Union[None, int, Tuple[int, ...]] = None,
@@ -366,6 +381,7 @@ def spectral_norm(module: nn.Module, name: str = "weight", n_power_iterations: i
                              f"got {type(module).__name__} (use mode='matrix' for Linear)")
         if input_size is not None:
             spec = _spec_from_module(module, _spatial_size(module, input_size))
+    warn_if_zero(name, weight, coeff)
     param = SpectralNorm(weight, n_power_iterations, dim, eps, mode, spec, coeff, other_sizes)
     param._registering = True
     try:

@@ -467,15 +467,19 @@ class FusedWeights(Strategy):
             return self.scaled
         n_iters = group.n_power_iterations if training else 0
         op_weights = [group.op_weight(i, w) for i, w in enumerate(originals)]
-        # one launch writes every W_l / sigma_l; the layers run their own ops on them
-        res = group.run(op_weights, group.v, group.u, group.specs, n_iters, fused_normalize)
+        if group.coeff is None:
+            # one launch writes every W_l / sigma_l; the layers run their own ops on them
+            res = group.run(op_weights, group.v, group.u, group.specs, n_iters,
+                            fused_normalize)
+            what = res.weights
+        else:  # W * min(1, coeff / sigma) as W / max(sigma / coeff, 1), as every strategy
+            # does: never 0 / 0 -- a zero weight (sigma 0) stays zero, with the plain gradient
+            res = group.run(op_weights, group.v, group.u, group.specs, n_iters)
+            what = [divided(w, scale_of(s, group.coeff))
+                    for w, s in zip(op_weights, res.sigmas.unbind(0))]
         group.count_call()
         if training:
             store_state(res.state, group.v, group.u)
-        what = res.weights
-        if group.coeff is not None:  # W / sigma * min(sigma, coeff) = W * min(1, coeff/sigma)
-            what = [w * torch.clamp_max(s, group.coeff).to(w.dtype)
-                    for w, s in zip(what, res.sigmas.unbind(0))]
         group.last_sigmas = res.sigmas.detach()
         self.what = [w if d == 0 else w.movedim(0, d) for w, d in zip(what, group.dims)]
         return self
