@@ -620,3 +620,79 @@ def test_per_update_recomputes_after_any_change():
     assert e._lipkern_spectral_norm.calls == ce + 2
     with pytest.raises(ValueError, match="power_iteration must be"):
         _ours(base, power_iteration="per_step")
+
+
+@pytest.mark.parametrize("kind", ["per_update", "cache_eval"])
+@pytest.mark.parametrize("opt", ["adam_fused", "sgd_fused", "adam_foreach"])
+def test_kept_sigmas_follow_fused_optimizer_steps(kind, opt):
+    """A fused optimizer step (fused=True) writes the weights without bumping their version
+    counters: the kept result (per_update's, cache_eval's) must still be dropped, so after
+    every step the sigmas used are those of the new weights (against a fresh recomputation
+    with the same vectors: the eval forward without cache). Before: per_update reused the
+    first step's sigmas for the whole run with fused=True (37% off after 20 steps)."""
+    base = _critic()
+    x = torch.randn(2, 3, 32, 32)
+    kw = dict(example_input=x[:1], mode="operator") if kind == "per_update" else \
+        dict(cache_eval=True)
+    m = _ours(base, **kw)
+    fresh = _ours(base, **kw)
+    fresh._lipkern_spectral_norm.cache_eval = False
+    make = {"adam_fused": lambda p: torch.optim.Adam(p, lr=0.05, fused=True),
+            "sgd_fused": lambda p: torch.optim.SGD(p, lr=0.5, fused=True),
+            "adam_foreach": lambda p: torch.optim.Adam(p, lr=0.05, foreach=True)}[opt]
+    o = make(m.parameters())
+    group = m._lipkern_spectral_norm
+    for _ in range(4):
+        o.zero_grad()
+        m(x).square().mean().backward()
+        o.step()
+        if kind == "per_update":
+            c = group.calls
+            m(x)
+            assert group.calls == c + 1  # the step changed the weights: a new call
+            used = group.last_sigmas.clone()
+            m.eval()  # fresh: the same vectors, sigma recomputed (no cache_eval)
+            fresh.load_state_dict(m.state_dict())
+            fresh.eval()
+            fresh(x)
+            torch.testing.assert_close(used, fresh._lipkern_spectral_norm.last_sigmas,
+                                       rtol=1e-5, atol=0)
+            m.train()
+        else:
+            m.eval()
+            y = m(x)
+            fresh.load_state_dict(m.state_dict())
+            fresh.eval()
+            torch.testing.assert_close(y, fresh(x), rtol=1e-5, atol=1e-6)
+            m.train()
+
+
+@pytest.mark.parametrize("mode", ["matrix", "operator"])
+@pytest.mark.parametrize("first", ["no_grad", "inference_mode"])
+def test_per_update_reuse_after_a_forward_without_autograd(mode, first):
+    """per_update, strategy "scaled_outputs" with a layer that divides its weight (string
+    padding 'same'): a training forward under no_grad (or inference_mode) keeps sigmas
+    without autograd; the next training forward (reusing them after no_grad) must still
+    give dsigma/dW: its gradients equal those of the eval forward at the same weights and
+    vectors (sigma = u^T A(W) x recomputed with autograd). Before: the dividing layer's
+    sigma was a constant there (gradients off by up to 8%), and after inference_mode the
+    next forward raised."""
+    torch.manual_seed(0)
+    base = nn.Sequential(nn.Conv2d(3, 4, 3, padding="same"), nn.ReLU(),
+                         nn.Conv2d(4, 4, 3, padding=1), nn.Flatten(), nn.Linear(4 * 64, 1))
+    x = torch.randn(2, 3, 8, 8)
+    kw = dict(example_input=x[:1], mode="operator") if mode == "operator" else {}
+    m = _ours(base, strategy="scaled_outputs", power_iteration="per_update", **kw)
+    group = m._lipkern_spectral_norm
+    with (torch.no_grad() if first == "no_grad" else torch.inference_mode()):
+        m(x)
+    c = group.calls
+    y = m(x)
+    assert group.calls == c + (first == "inference_mode")  # inference tensors not kept
+    got = torch.autograd.grad(y.sum(), list(m.parameters()))
+    m.eval()
+    y_ref = m(x)
+    want = torch.autograd.grad(y_ref.sum(), list(m.parameters()))
+    torch.testing.assert_close(y, y_ref, rtol=1e-6, atol=1e-6)
+    for g1, g2 in zip(got, want):
+        torch.testing.assert_close(g1, g2, rtol=1e-5, atol=1e-6)

@@ -54,7 +54,9 @@ template <typename T>
 at::Tensor divided_backward_impl(const at::Tensor& g, const at::Tensor& w, const at::Tensor& s,
                                  const at::Tensor& u, const at::Tensor& x,
                                  const c10::optional<at::Tensor>& d) {
-  const int64_t rows = w.dim() ? w.size(0) : 1, n = rows ? w.numel() / rows : 0;
+  const int64_t rows = w.dim() ? w.size(0) : 1;
+  int64_t n = 1;  // elements per row (also for a weight of 0 rows)
+  for (int64_t k = 1; k < w.dim(); ++k) n *= w.size(k);
   TORCH_CHECK(d.has_value() || (u.numel() == rows && x.numel() == n),
               "divided_backward: u, x of ", u.numel(), " and ", x.numel(),
               " entries for a weight of ", rows, " rows of ", n);

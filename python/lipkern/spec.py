@@ -192,8 +192,10 @@ def resolve_geometry(shape: Tuple[int, ...], spec: Optional[ConvSpec], name: str
     if pad == "same":
         tot = [d * (k - 1) for d, k in zip(dil, (kh, kw))]
         if stride != (1, 1) or any(t % 2 for t in tot):
-            raise ValueError(f"{name}: padding='same' needs stride 1 and an even dilated "
-                             f"kernel extent (asymmetric padding is not supported)")
+            raise ValueError(f"{name}: padding='same' needs stride 1 and dilation * (kernel "
+                             f"size - 1) even, e.g. an odd kernel size (got kernel {(kh, kw)}, "
+                             f"dilation {tuple(dil)}, stride {tuple(stride)}): the padding "
+                             f"would be asymmetric, which is not supported")
         pad = (tot[0] // 2, tot[1] // 2)
     circ = int(spec.padding_mode == "circular")
     if spec.transposed:

@@ -53,6 +53,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torch.nn.utils import parametrize
+from torch.utils.weak import WeakIdKeyDictionary
 
 from ..backends import load_ext
 from ..layout import Layout, PowerIterState, layout_for
@@ -114,6 +115,26 @@ def _grouped_forward(self, input):
     return p.group.layer_forward(p.index, self, input)
 
 
+_STEPS = WeakIdKeyDictionary()  # parameter -> torch.optim steps that updated it
+_STEP_HOOK: list = []
+
+
+def _count_optimizer_step(optimizer, args, kwargs) -> None:
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            _STEPS[p] = _STEPS.get(p, 0) + 1
+
+
+def install_step_counter() -> None:
+    """Count every torch.optim step per parameter (once per process, at the first normalized
+    model: importing lipkern installs nothing). A fused optimizer step (``fused=True``:
+    measured for Adam, AdamW, SGD) writes the weights without bumping their version
+    counters, so the cache keys carry this count too."""
+    if not _STEP_HOOK:
+        from torch.optim.optimizer import register_optimizer_step_post_hook
+        _STEP_HOOK.append(register_optimizer_step_post_hook(_count_optimizer_step))
+
+
 class SpectralNormGroup:
     """All normalized layers of one model and their packed power-iteration state.
 
@@ -141,6 +162,7 @@ class SpectralNormGroup:
         self.strategy = strategy
         self.coeff = coeff  # None: W / sigma; else W * min(1, coeff / sigma)
         self.per_update = per_update  # power_iteration="per_update" (spectral_norm_model)
+        install_step_counter()  # the per-parameter optimizer-step counts of cache keys
         self.last_sigmas: Optional[torch.Tensor] = None  # (L,) of the latest fused call
         self.layout: Optional[Layout] = None
         self.u: Optional[torch.Tensor] = None
@@ -241,8 +263,16 @@ class SpectralNormGroup:
             self.calls += 1
 
     def cache_key(self, originals) -> Tuple:
-        return (tuple((w._version, w.data_ptr(), w.dtype, w.device) for w in originals),
-                self.u._version, self.v._version, self.u.data_ptr(), self.v.data_ptr())
+        """What a kept result (cache_eval, power_iteration="per_update") is valid for: every
+        weight's and vector's version counter and storage, the torch.optim steps that
+        updated each weight (a fused optimizer -- ``fused=True`` -- writes the weights
+        without bumping their versions) and inference mode (its tensors cannot be reused
+        outside it)."""
+        install_step_counter()  # a group restored by pickle or deepcopy skipped __init__
+        return (tuple((w._version, w.data_ptr(), w.dtype, w.device, _STEPS.get(w, 0))
+                      for w in originals),
+                self.u._version, self.v._version, self.u.data_ptr(), self.v.data_ptr(),
+                torch.is_inference_mode_enabled())
 
     def strategy_for(self, w: torch.Tensor) -> Strategy:
         """The strategy a forward on weights like ``w`` starts with: the one forced by
@@ -286,7 +316,12 @@ class SpectralNormGroup:
         """Layer i's forward, as the forward's strategy runs it (outside a model forward: the
         layer's own forward on its per-layer normalized weight)."""
         if self.specs[i] is not None:  # operator mode: sigma is for the registered size
-            check_input_size(module, x, self.specs[i])
+            if input_spatial_size(module, x) != tuple(self.specs[i].input_size):
+                check_input_size(module, x, self.specs[i],
+                                 f" Layer {self.names[i]!r}: spectral_norm_model(mode="
+                                 f"'operator') takes inputs of the example_input's sizes only "
+                                 f"(per layer, lipkern.nn.spectral_norm(..., other_sizes="
+                                 f"'recompute') takes others).")
         active = self.active
         if active is None:
             return type(module).__bases__[0].forward(module, x)

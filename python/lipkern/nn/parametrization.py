@@ -312,15 +312,20 @@ def check_input_size(module: nn.Module, x: torch.Tensor, spec: ConvSpec, hint: s
 
 
 def _spec_from_module(module: nn.Module, input_size) -> ConvSpec:
+    # a 1-D conv is a 2-D one on a (1, L) input with a (1, k) kernel: a height of stride and
+    # dilation 1 and of padding and output padding 0
     one_d = isinstance(module, (nn.Conv1d, nn.ConvTranspose1d))
-    lift = (lambda v: (1, v[0])) if one_d else (lambda v: tuple(v))
-    size = (1, input_size) if one_d and isinstance(input_size, int) else input_size
-    pad = module.padding if isinstance(module.padding, str) else lift(module.padding)
+    lift = (lambda v, h: (h, v[0])) if one_d else (lambda v, h: tuple(v))
+    size = input_size
+    if one_d and isinstance(input_size, (tuple, list, torch.Size)) and len(input_size) == 1:
+        size = int(input_size[0])
+    size = (1, size) if one_d and isinstance(size, int) else size
+    pad = module.padding if isinstance(module.padding, str) else lift(module.padding, 0)
     transposed = isinstance(module, _TRANSPOSED)
-    return ConvSpec(size, stride=lift(module.stride), padding=pad,
-                    dilation=lift(module.dilation), groups=module.groups,
+    return ConvSpec(size, stride=lift(module.stride, 1), padding=pad,
+                    dilation=lift(module.dilation, 1), groups=module.groups,
                     padding_mode=module.padding_mode, transposed=transposed,
-                    output_padding=lift(module.output_padding) if transposed else 0)
+                    output_padding=lift(module.output_padding, 0) if transposed else 0)
 
 
 def _spatial_size(module: nn.Module, input_size):

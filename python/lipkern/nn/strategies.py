@@ -230,7 +230,7 @@ class ScaledOutputs(Strategy):
         if not (training and group.per_update) or torch.compiler.is_compiling():
             return
         self._update_cache = None
-        if not self.cur.sigmas.requires_grad:
+        if not self.cur.sigmas.requires_grad and not torch.is_inference_mode_enabled():
             self._update_cache = (group.cache_key(originals), self.cur)
 
     def prepare(self, group, originals, training):
@@ -296,7 +296,17 @@ class ScaledOutputs(Strategy):
         return ScaledLayer.apply(x, w, b, sigma, rank1, conv)
 
     def weight(self, group, i, w):
-        return divided(w, scale_of(self.cur.sigmas[i], group.coeff))
+        cur = self.cur
+        if cur.sigmas.requires_grad or not (torch.is_grad_enabled() and w.requires_grad):
+            return divided(w, scale_of(cur.sigmas[i], group.coeff))
+        # sigmas without autograd (the call ran without it: every layer was to scale, or a
+        # per_update result kept from such a forward or a no-grad one): the fused call's
+        # sigma with the gradient of u^T A(W) x, as "mixed" takes it
+        with torch.autocast(w.device.type, enabled=False):
+            sigma = sigma_fast(group.layout.geoms[i], w, cur.sigma_list[i], cur.u_list[i],
+                               cur.x_list[i], group.specs[i] is None, group.dims[i],
+                               cur.unit(i))
+            return divided(w, scale_of(sigma, group.coeff))
 
     def store(self, group):
         self.cur = None
