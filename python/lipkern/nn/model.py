@@ -115,24 +115,43 @@ def _grouped_forward(self, input):
     return p.group.layer_forward(p.index, self, input)
 
 
-_STEPS = WeakIdKeyDictionary()  # parameter -> torch.optim steps that updated it
+_STEPS = WeakIdKeyDictionary()  # weight of a normalized layer -> torch.optim steps on it
+_TRACKED = [0]  # bumped when a weight joins _STEPS (optimizers then rescan their params)
+_PER_OPTIMIZER = WeakIdKeyDictionary()  # optimizer -> (signature, its weights in _STEPS)
 _STEP_HOOK: list = []
 
 
 def _count_optimizer_step(optimizer, args, kwargs) -> None:
-    for group in optimizer.param_groups:
-        for p in group["params"]:
-            _STEPS[p] = _STEPS.get(p, 0) + 1
+    """After any torch.optim step: one more step on each normalized weight it holds (its
+    list found once per optimizer and set of tracked weights: O(those weights) per step)."""
+    groups = optimizer.param_groups
+    sig = (_TRACKED[0],) + tuple((id(g["params"]), len(g["params"])) for g in groups)
+    entry = _PER_OPTIMIZER.get(optimizer)
+    if entry is None or entry[0] != sig:
+        mine = [p for g in groups for p in g["params"] if p in _STEPS]
+        entry = _PER_OPTIMIZER[optimizer] = (sig, mine)
+    for p in entry[1]:
+        _STEPS[p] += 1
 
 
 def install_step_counter() -> None:
-    """Count every torch.optim step per parameter (once per process, at the first normalized
-    model: importing lipkern installs nothing). A fused optimizer step (``fused=True``:
-    measured for Adam, AdamW, SGD) writes the weights without bumping their version
-    counters, so the cache keys carry this count too."""
+    """Count torch.optim steps on normalized weights (a hook installed once per process, at
+    the first normalized model: importing lipkern installs nothing). A fused optimizer step
+    (``fused=True``: measured for Adam, AdamW, SGD) writes the weights without bumping their
+    version counters, so the cache keys carry this count too."""
     if not _STEP_HOOK:
         from torch.optim.optimizer import register_optimizer_step_post_hook
         _STEP_HOOK.append(register_optimizer_step_post_hook(_count_optimizer_step))
+
+
+def optimizer_steps(w: torch.Tensor) -> int:
+    """torch.optim steps taken on ``w`` since it was first asked about (tracked from then)."""
+    n = _STEPS.get(w)
+    if n is None:
+        install_step_counter()
+        n = _STEPS[w] = 0
+        _TRACKED[0] += 1
+    return n
 
 
 class SpectralNormGroup:
@@ -162,7 +181,7 @@ class SpectralNormGroup:
         self.strategy = strategy
         self.coeff = coeff  # None: W / sigma; else W * min(1, coeff / sigma)
         self.per_update = per_update  # power_iteration="per_update" (spectral_norm_model)
-        install_step_counter()  # the per-parameter optimizer-step counts of cache keys
+        install_step_counter()  # the optimizer-step counts of cache keys
         self.last_sigmas: Optional[torch.Tensor] = None  # (L,) of the latest fused call
         self.layout: Optional[Layout] = None
         self.u: Optional[torch.Tensor] = None
@@ -268,8 +287,7 @@ class SpectralNormGroup:
         updated each weight (a fused optimizer -- ``fused=True`` -- writes the weights
         without bumping their versions) and inference mode (its tensors cannot be reused
         outside it)."""
-        install_step_counter()  # a group restored by pickle or deepcopy skipped __init__
-        return (tuple((w._version, w.data_ptr(), w.dtype, w.device, _STEPS.get(w, 0))
+        return (tuple((w._version, w.data_ptr(), w.dtype, w.device, optimizer_steps(w))
                       for w in originals),
                 self.u._version, self.v._version, self.u.data_ptr(), self.v.data_ptr(),
                 torch.is_inference_mode_enabled())
