@@ -115,6 +115,9 @@ def _grouped_forward(self, input):
     return p.group.layer_forward(p.index, self, input)
 
 
+_OTHER_SIZE_HINT = (" spectral_norm_model(mode='operator') takes inputs of the example_input's "
+                    "sizes only (per layer, lipkern.nn.spectral_norm(..., other_sizes="
+                    "'recompute') takes others).")
 _STEPS = WeakIdKeyDictionary()  # weight of a normalized layer -> torch.optim steps on it
 _TRACKED = [0]  # bumped when a weight joins _STEPS (optimizers then rescan their params)
 _PER_OPTIMIZER = WeakIdKeyDictionary()  # optimizer -> (signature, its weights in _STEPS)
@@ -181,7 +184,6 @@ class SpectralNormGroup:
         self.strategy = strategy
         self.coeff = coeff  # None: W / sigma; else W * min(1, coeff / sigma)
         self.per_update = per_update  # power_iteration="per_update" (spectral_norm_model)
-        install_step_counter()  # the optimizer-step counts of cache keys
         self.last_sigmas: Optional[torch.Tensor] = None  # (L,) of the latest fused call
         self.layout: Optional[Layout] = None
         self.u: Optional[torch.Tensor] = None
@@ -334,12 +336,7 @@ class SpectralNormGroup:
         """Layer i's forward, as the forward's strategy runs it (outside a model forward: the
         layer's own forward on its per-layer normalized weight)."""
         if self.specs[i] is not None:  # operator mode: sigma is for the registered size
-            if input_spatial_size(module, x) != tuple(self.specs[i].input_size):
-                check_input_size(module, x, self.specs[i],
-                                 f" Layer {self.names[i]!r}: spectral_norm_model(mode="
-                                 f"'operator') takes inputs of the example_input's sizes only "
-                                 f"(per layer, lipkern.nn.spectral_norm(..., other_sizes="
-                                 f"'recompute') takes others).")
+            check_input_size(module, x, self.specs[i], _OTHER_SIZE_HINT, self.names[i])
         active = self.active
         if active is None:
             return type(module).__bases__[0].forward(module, x)

@@ -302,11 +302,15 @@ def input_spatial_size(module: nn.Module, x: torch.Tensor) -> Tuple[int, ...]:
     return (1, int(x.shape[-1])) if one_d else (int(x.shape[-2]), int(x.shape[-1]))
 
 
-def check_input_size(module: nn.Module, x: torch.Tensor, spec: ConvSpec, hint: str = "") -> None:
-    """ValueError unless ``x`` has the spatial size ``spec`` was registered for."""
+def check_input_size(module: nn.Module, x: torch.Tensor, spec: ConvSpec, hint: str = "",
+                     name: Optional[str] = None) -> None:
+    """ValueError unless ``x`` has the spatial size ``spec`` was registered for (``name``:
+    the layer's name in its model, for the message)."""
     size = input_spatial_size(module, x)
     if size != tuple(spec.input_size):
-        raise ValueError(f"input: {type(module).__name__} is normalized with mode='operator' "
+        where = "" if name is None else f" (layer {name!r})"
+        raise ValueError(f"input: {type(module).__name__}{where} is normalized with "
+                         f"mode='operator' "
                          f"for input size {tuple(spec.input_size)}, got an input of spatial "
                          f"size {size}; the operator's sigma depends on the size.{hint}")
 

@@ -170,6 +170,14 @@ def operator_unit_grads(group, state, x_list, u_list) -> dict:
     return dict(zip(idx, packed.split(sizes)))
 
 
+def divided_by_call_sigma(group, cur: "FusedSigmas", i: int, w: torch.Tensor) -> torch.Tensor:
+    """Layer i's ``W / scale_of(sigma)`` with the fused call's sigma (``cur``) and the gradient
+    of ``u^T A(W) x`` with the call's vectors: nothing recomputed, exact at every order."""
+    sigma = sigma_fast(group.layout.geoms[i], w, cur.sigma_list[i], cur.u_list[i],
+                       cur.x_list[i], group.specs[i] is None, group.dims[i], cur.unit(i))
+    return divided(w, scale_of(sigma, group.coeff))
+
+
 class ScaledOutputs(Strategy):
     """One fused call gives every sigma; each layer computes ``layer(x; W) / sigma + b``
     (:class:`~lipkern.nn.scaled_layer.ScaledLayer`), with the sigma gradient folded into its
@@ -300,13 +308,9 @@ class ScaledOutputs(Strategy):
         if cur.sigmas.requires_grad or not (torch.is_grad_enabled() and w.requires_grad):
             return divided(w, scale_of(cur.sigmas[i], group.coeff))
         # sigmas without autograd (the call ran without it: every layer was to scale, or a
-        # per_update result kept from such a forward or a no-grad one): the fused call's
-        # sigma with the gradient of u^T A(W) x, as "mixed" takes it
+        # per_update result kept from such a forward or a no-grad one): as "mixed" takes it
         with torch.autocast(w.device.type, enabled=False):
-            sigma = sigma_fast(group.layout.geoms[i], w, cur.sigma_list[i], cur.u_list[i],
-                               cur.x_list[i], group.specs[i] is None, group.dims[i],
-                               cur.unit(i))
-            return divided(w, scale_of(sigma, group.coeff))
+            return divided_by_call_sigma(group, cur, i, w)
 
     def store(self, group):
         self.cur = None
@@ -412,11 +416,7 @@ class Mixed(ScaledOutputs):
                 return divided_fast(group.layout.geoms[i], w, cur.sigma_list[i],
                                     cur.u_list[i], cur.x_list[i], group.specs[i] is None,
                                     cur.unit(i))
-            # the fused call's sigma, with the gradient of u^T A(W) x (nothing recomputed)
-            sigma = sigma_fast(group.layout.geoms[i], w, cur.sigma_list[i], cur.u_list[i],
-                               cur.x_list[i], group.specs[i] is None, group.dims[i],
-                               cur.unit(i))
-            return divided(w, scale_of(sigma, group.coeff))
+            return divided_by_call_sigma(group, cur, i, w)
 
 
 def direct_call(group, weights: List[torch.Tensor], n_iters: int) -> Optional[PowerIterResult]:
